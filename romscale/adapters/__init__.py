@@ -1,0 +1,1 @@
+"""Adapter libraries under a storage budget: PEFT I/O, merges, HydraOpt."""
