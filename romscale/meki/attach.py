@@ -15,7 +15,7 @@ different names, or a new hook placement in `_install_hooks`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -53,8 +53,20 @@ class MekiState:
     cfg: MekiConfig
     folded: bool
     family: Family
+    external: bool = False
     ids: torch.Tensor | None = None
+    # External (ROM) tables: row_source(ids) -> ids.shape + (meki layers, d_mem), called once per
+    # forward as soon as the ids are known; each branch then takes its own slice.
+    row_source: Callable[[torch.Tensor], Any] | None = None
+    rows: Any = None
     handles: list[RemovableHandle] = field(default_factory=list)
+
+    def layer_rows(self, slot: int) -> torch.Tensor | None:
+        if self.rows is None:
+            return None
+        if not isinstance(self.rows, torch.Tensor):  # a Future from a background prefetcher
+            self.rows = self.rows.result()
+        return self.rows[..., slot, :]
 
 
 def _get(root: nn.Module, path: str) -> Any:
@@ -102,15 +114,17 @@ def _install_hooks(model: nn.Module, state: MekiState, embedding: nn.Embedding) 
                 "(the memory rows are addressed by token id)"
             )
         state.ids = ids
+        state.rows = state.row_source(ids) if state.row_source is not None else None
 
     decoder = _get(model, fam.decoder)
     state.handles.append(decoder.register_forward_pre_hook(record_ids, with_kwargs=True))
 
     def branch_out(branch: MekiBranch, h: torch.Tensor) -> torch.Tensor:
-        return branch(h, state.ids, embedding.weight)
+        return branch(h, state.ids, embedding.weight, rows=state.layer_rows(branch.slot))
 
-    for _, layer in _layer_items(model, state):
+    for slot, (_, layer) in enumerate(_layer_items(model, state)):
         branch: MekiBranch = layer.meki
+        branch.slot = slot
         attn, mlp = getattr(layer, fam.attn), getattr(layer, fam.mlp)
         pos = state.cfg.position
         if pos == "parallel_ffn":
@@ -155,12 +169,13 @@ def _layer_items(model: nn.Module, state: MekiState) -> list[tuple[int, nn.Modul
     return [(i, layers[i]) for i in state.cfg.layer_indices(len(layers))]
 
 
-def attach_meki(model: nn.Module, cfg: MekiConfig, folded: bool = False) -> nn.Module:
+def attach_meki(model: nn.Module, cfg: MekiConfig, folded: bool = False, external: bool = False) -> nn.Module:
     """Add a MeKi branch to every (selected) decoder layer of a HF *ForCausalLM model, in place.
 
     With `cfg.zero_init_output` (the default) the branches output exactly zero, so a pretrained
     model's logits are unchanged until training moves them. `folded=True` builds the deployed form
-    (used when loading a folded checkpoint). Returns the model.
+    (used when loading a folded checkpoint); `external=True` the deployed form whose tables stay on
+    storage (romscale.rom.runtime connects them). Returns the model.
     """
     fam = family_of(model)
     if meki_state(model) is not None:
@@ -174,7 +189,8 @@ def attach_meki(model: nn.Module, cfg: MekiConfig, folded: bool = False) -> nn.M
         ) from exc
     embedding = model.get_input_embeddings()
     vocab_size, d_model = embedding.weight.shape
-    state = MekiState(cfg=cfg, folded=folded, family=fam)
+    folded = folded or external
+    state = MekiState(cfg=cfg, folded=folded, family=fam, external=external)
     ref = embedding.weight
     for i in cfg.layer_indices(len(layers)):
         layer = layers[i]
@@ -183,11 +199,11 @@ def attach_meki(model: nn.Module, cfg: MekiConfig, folded: bool = False) -> nn.M
                 raise UnsupportedModelError(f"decoder layer {i} of {type(model).__name__} has no .{name}")
         # Built directly on the model's device: on "meta" nothing is allocated (paper-size presets).
         with torch.device(ref.device):
-            layer.meki = MekiBranch(cfg, d_model, vocab_size, folded=folded).to(dtype=ref.dtype)
+            layer.meki = MekiBranch(cfg, d_model, vocab_size, folded=folded, external=external).to(dtype=ref.dtype)
     # Set after the branches exist: nn.Module stores plain objects in __dict__, outside state_dict.
     model._meki_state = state
     _install_hooks(model, state, embedding)
-    model.config.meki = {**cfg.to_dict(), "folded": folded}
+    model.config.meki = {**cfg.to_dict(), "folded": folded, "tables": "external" if external else "inline"}
     return model
 
 

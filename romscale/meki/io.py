@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -39,28 +39,57 @@ def _sha256(file: Path) -> str:
 
 def save_meki(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
     """Write `model` (training or folded form) to the folder `path`, atomically."""
-    state = meki_state(model)
-    if state is None:
-        raise CheckpointError(f"cannot save to {path}: the model has no MeKi attached")
     path = Path(path)
     with atomic_dir(path) as tmp:
-        model.config.save_pretrained(tmp)
-        # save_model drops the duplicates of tied tensors (e.g. lm_head = embed_tokens).
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": FORMAT_TAG})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        # safetensors has no checksum of its own: a flipped byte in the data would load silently.
-        weights = tmp / WEIGHTS_FILE
-        atomic_write_json(
-            tmp / MANIFEST_FILE,
-            {
-                "format": FORMAT_TAG,
-                "version": FORMAT_VERSION,
-                "folded": state.folded,
-                "files": {WEIGHTS_FILE: {"bytes": weights.stat().st_size, "sha256": _sha256(weights)}},
-            },
-        )
+        write_checkpoint(model, tmp, tokenizer)
     return path
+
+
+def _ram_tensors(model: nn.Module, skip_tables: bool) -> dict[str, torch.Tensor]:
+    """The state dict with tied duplicates stored once (safetensors refuses shared storage)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple]] = set()
+    for key, t in model.state_dict().items():
+        if skip_tables and key.endswith(".meki.table"):
+            continue
+        ident = (t.data_ptr(), tuple(t.shape))
+        if ident in seen:
+            continue
+        seen.add(ident)
+        out[key] = t.detach().contiguous()
+    return out
+
+
+def write_checkpoint(model: nn.Module, folder: Path, tokenizer=None, skip_tables: bool = False) -> None:
+    """Write config.json, model.safetensors and the manifest into an existing folder.
+
+    `skip_tables`: leave the folded tables out and mark them external (the RAM part of a deploy
+    bundle, whose tables go to a ROM file).
+    """
+    state = meki_state(model)
+    if state is None:
+        raise CheckpointError(f"cannot save to {folder}: the model has no MeKi attached")
+    if skip_tables and not state.folded:
+        raise CheckpointError("only a folded model has tables to keep apart; call fold(model) first")
+    model.config.save_pretrained(folder)
+    if skip_tables:
+        cfg = json.loads((folder / CONFIG_FILE).read_text())
+        cfg[MEKI_CONFIG_KEY]["tables"] = "external"
+        atomic_write_json(folder / CONFIG_FILE, cfg)
+    weights = folder / WEIGHTS_FILE
+    save_file(_ram_tensors(model, skip_tables), str(weights), metadata={"format": "pt", "producer": FORMAT_TAG})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    # safetensors has no checksum of its own: a flipped byte in the data would load silently.
+    atomic_write_json(
+        folder / MANIFEST_FILE,
+        {
+            "format": FORMAT_TAG,
+            "version": FORMAT_VERSION,
+            "folded": state.folded,
+            "files": {WEIGHTS_FILE: {"bytes": weights.stat().st_size, "sha256": _sha256(weights)}},
+        },
+    )
 
 
 def _check_manifest(path: Path) -> None:
@@ -101,6 +130,9 @@ def _read_config(path: Path):
         raise CheckpointError(f"{cfg_file} has no '{MEKI_CONFIG_KEY}' section: it is not a MeKi checkpoint")
     section = dict(section)
     folded = section.pop("folded", None)
+    tables = section.pop("tables", "inline")
+    if tables not in ("inline", "external"):
+        raise CheckpointError(f"{cfg_file}: '{MEKI_CONFIG_KEY}.tables' must be 'inline' or 'external', got {tables!r}")
     if not isinstance(folded, bool):
         raise CheckpointError(f"{cfg_file}: '{MEKI_CONFIG_KEY}.folded' must be true or false, got {folded!r}")
     try:
@@ -108,7 +140,7 @@ def _read_config(path: Path):
         hf_cfg = AutoConfig.from_pretrained(path)
     except (ValueError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{cfg_file} is not a valid config: {exc}") from exc
-    return hf_cfg, meki_cfg, folded
+    return hf_cfg, meki_cfg, folded, tables == "external"
 
 
 def _check_weights(file: Path, model: nn.Module) -> None:
@@ -146,13 +178,16 @@ def _is_tied_duplicate(model: nn.Module, key: str, found: dict) -> bool:
 
 
 def load_meki(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a folder written by `save_meki`: the same form (training or folded), identical logits."""
+    """Load a folder written by `save_meki`: the same form (training or folded), identical logits.
+
+    A deploy bundle's RAM part loads in the external form; use romscale.rom.runtime.load_bundle to
+    connect its ROM table."""
     path = Path(path)
-    hf_cfg, meki_cfg, folded = _read_config(path)
+    hf_cfg, meki_cfg, folded, external = _read_config(path)
     _check_manifest(path)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
-    attach_meki(model, meki_cfg, folded=folded)
+    attach_meki(model, meki_cfg, folded=folded, external=external)
     file = path / WEIGHTS_FILE
     _check_weights(file, model)
     try:

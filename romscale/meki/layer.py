@@ -84,17 +84,25 @@ class MekiBranch(nn.Module):
 
     SEQUENTIAL = ("after_attn", "after_ffn")
 
-    def __init__(self, cfg: MekiConfig, d_model: int, vocab_size: int, folded: bool = False) -> None:
+    def __init__(
+        self, cfg: MekiConfig, d_model: int, vocab_size: int, folded: bool = False, external: bool = False
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
+        self.slot = 0  # position among the model's MeKi layers (its slice of a packed ROM row)
         self.gate = nn.Linear(d_model, cfg.d_mem, bias=False)
         self.out = nn.Linear(cfg.d_mem, d_model, bias=False)
         self.post_norm = nn.RMSNorm(d_model, eps=cfg.rms_eps)
         # Sequential placements are sublayers of their own and need their own pre-norm; parallel
         # ones read the normalised input the attention/FFN already gets (h in the paper).
         self.in_norm = nn.RMSNorm(d_model, eps=cfg.rms_eps) if cfg.position in self.SEQUENTIAL else None
-        if folded:
+        # external: the folded table lives on storage and rows arrive through `forward(rows=...)`.
+        self.external = external
+        if external:
+            self.memory = None
+            self.table = None
+        elif folded:
             self.memory = None
             self.table = nn.Parameter(torch.zeros(vocab_size, cfg.d_mem))
         else:
@@ -104,7 +112,7 @@ class MekiBranch(nn.Module):
 
     @property
     def folded(self) -> bool:
-        return self.table is not None
+        return self.table is not None or self.external
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -125,7 +133,10 @@ class MekiBranch(nn.Module):
         embed_rows = F.embedding(ids, embedding_weight) if self.memory.dynamic is not None else None
         return expert_vector(self.memory, static_rows, embed_rows)
 
-    def forward(self, h: torch.Tensor, ids: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, ids: torch.Tensor, embedding_weight: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`rows`: this layer's expert vectors read from a ROM table (external form)."""
         if ids.shape != h.shape[:-1]:
             raise RomscaleError(
                 f"MeKi token ids have shape {tuple(ids.shape)} but the hidden states {tuple(h.shape)}; "
@@ -133,14 +144,19 @@ class MekiBranch(nn.Module):
             )
         if self.in_norm is not None:
             h = self.in_norm(h)
-        e = self.expert(ids, embedding_weight).to(h.dtype)
+        if rows is not None:
+            e = rows.to(h.dtype)
+        elif self.external:
+            raise RomscaleError("this MeKi branch reads its table from storage, but no ROM table is connected")
+        else:
+            e = self.expert(ids, embedding_weight).to(h.dtype)
         v = fuse(e, self.gate(h), self.cfg.fusion)
         return self.post_norm(self.out(v))
 
     @torch.no_grad()
     def fold_(self, embedding_weight: torch.Tensor, chunk_rows: int = 8192) -> None:
         """Replace the training form by the table M~ = expert_vector(every vocabulary row)."""
-        if self.table is not None:
+        if self.folded:
             return
         mem = self.memory
         rows = []
@@ -156,5 +172,5 @@ class MekiBranch(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.cfg
-        form = "folded" if self.folded else "training"
+        form = "external" if self.external else "folded" if self.folded else "training"
         return f"{form}, vocab={self.vocab_size}, d_mem={c.d_mem}, memory={c.memory}, position={c.position}, fusion={c.fusion}"

@@ -147,7 +147,7 @@ def test_failed_save_leaves_previous_folder(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("romscale.meki.io.save_model", boom)
+    monkeypatch.setattr("romscale.meki.io.save_file", boom)
     with pytest.raises(OSError):
         save_meki(_model("qwen2"), tmp_path / "ck")
     assert _digest(tmp_path / "ck") == before

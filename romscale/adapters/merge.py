@@ -1,0 +1,339 @@
+"""Merge methods: a registry (name -> class with one `merge_module` signature), mergekit-style.
+
+Each method turns one module's N task factors into one (A, B) pair whose product is the merged
+update (scaling 1); `merge_adapters` runs a method over every module and returns a standard PEFT
+LoRA adapter. Two families, always named in results:
+
+- "update": merges the updates dW_t = s_t B_t A_t (the sum of updates is exact by concatenation,
+  `cat`; the others are truncated back to rank r with an SVD, like PEFT's *_svd types).
+- "ab": merges the A matrices and the B matrices separately (PEFT's linear / ties / dare_* /
+  magnitude_prune). Cheap and rank-preserving, but B_merged @ A_merged is not the merged update
+  (cross terms); kept for parity with PEFT and the papers that use it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Literal, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from romscale.errors import AdapterError, RomscaleError
+from romscale.adapters.bank import AdapterBank
+from romscale.adapters.factors import ModuleStack, truncate_dense, truncate_factored
+from romscale.adapters.ops import SignMethod, combine
+from romscale.adapters.peft_io import LoraAdapter, adapter_from_factors
+from romscale.adapters.storage import StorageReport
+
+Family = Literal["update", "ab"]
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Options shared by all methods; each method reads the ones it needs."""
+
+    weights: Sequence[float] | None = None  # None: the method's default (1/N for sums, 1 for TIES-like)
+    density: float = 0.5  # fraction kept by trimming / DARE
+    rank: int | None = None  # output rank of truncated update-space merges; None: max input rank per module
+    seed: int = 0
+    sign_method: SignMethod = "total"
+    rng: Literal["fast", "torch"] = "fast"  # update-space DARE masks: fast numpy or PEFT's torch stream
+    knots_inner: Literal["ties", "linear"] = "ties"  # how KnOTS merges the per-task coordinates
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["weights"] = list(self.weights) if self.weights is not None else None
+        return d
+
+
+@dataclass
+class MergeContext:
+    """Per-run state handed to every module call: random generators consumed in module order."""
+
+    options: MergeOptions
+    torch_rng: torch.Generator
+    np_rng: np.random.Generator
+
+    @classmethod
+    def create(cls, options: MergeOptions, torch_generator: torch.Generator | None = None) -> "MergeContext":
+        g = torch_generator if torch_generator is not None else torch.Generator().manual_seed(options.seed)
+        return cls(options, g, np.random.default_rng(options.seed))
+
+
+class MergeMethod(ABC):
+    name: ClassVar[str]
+    family: ClassVar[Family]
+    peft_name: ClassVar[str | None] = None  # PEFT add_weighted_adapter combination_type with the same result
+    uses_density: ClassVar[bool] = False
+    random: ClassVar[bool] = False
+    default_weight: ClassVar[Literal["mean", "one"]] = "mean"
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def merge_module(self, stack: ModuleStack, weights: torch.Tensor, ctx: MergeContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (A (k x d_in), B (d_out x k)), float32, with B @ A the merged update."""
+
+    def default_weights(self, n: int) -> list[float]:
+        return [1.0 / n] * n if self.default_weight == "mean" else [1.0] * n
+
+
+MERGE_METHODS: dict[str, MergeMethod] = {}
+
+
+def register_merge_method(cls: type[MergeMethod]) -> type[MergeMethod]:
+    if cls.name in MERGE_METHODS:
+        raise RomscaleError(f"merge method {cls.name!r} registered twice")
+    MERGE_METHODS[cls.name] = cls()
+    return cls
+
+
+def get_merge_method(name: str) -> MergeMethod:
+    try:
+        return MERGE_METHODS[name]
+    except KeyError:
+        raise RomscaleError(f"unknown merge method {name!r}; available: {sorted(MERGE_METHODS)}") from None
+
+
+def _out_rank(stack: ModuleStack, ctx: MergeContext) -> int:
+    r = ctx.options.rank if ctx.options.rank is not None else max(stack.ranks)
+    if r < 1:
+        raise RomscaleError(f"output rank must be >= 1, got {r}")
+    return min(r, stack.d_in, stack.d_out)
+
+
+# ---- update-space family ----------------------------------------------------------------------
+@register_merge_method
+class Cat(MergeMethod):
+    name = "cat"
+    family = "update"
+    peft_name = "cat"
+    description = "exact weighted sum of updates by concatenation (rank = sum of ranks)"
+
+    def merge_module(self, stack, weights, ctx):
+        # Like PEFT: weight and scaling go on A; B is stacked as is.
+        A = torch.cat([stack.A[t].float() * (float(weights[t]) * stack.scaling[t]) for t in range(stack.n)], dim=0)
+        B = torch.cat([stack.B[t].float() for t in range(stack.n)], dim=1)
+        return A, B
+
+
+@register_merge_method
+class TaskArithmetic(MergeMethod):
+    name = "task_arithmetic"
+    family = "update"
+    peft_name = "svd"
+    description = "weighted sum of updates, truncated to rank r by SVD (factored: R x R core when possible)"
+
+    def merge_module(self, stack, weights, ctx):
+        B = torch.cat([stack.B[t].float() * (float(weights[t]) * stack.scaling[t]) for t in range(stack.n)], dim=1)
+        A = torch.cat([a.float() for a in stack.A], dim=0)
+        Bn, An = truncate_factored(B, A, _out_rank(stack, ctx))
+        return An, Bn
+
+
+class _DenseUpdateMerge(MergeMethod):
+    """Elementwise merges need the dense updates; the result is truncated back to rank r."""
+
+    family = "update"
+    uses_density = True
+    kind: ClassVar[str]
+
+    def merge_module(self, stack, weights, ctx):
+        o = ctx.options
+        rng = ctx.torch_rng if o.rng == "torch" else ctx.np_rng
+        merged = combine(self.kind, list(stack.deltas(torch.float32)), weights, density=o.density, sign_method=o.sign_method, rng=rng)
+        B, A = truncate_dense(merged, _out_rank(stack, ctx))
+        return A, B
+
+
+@register_merge_method
+class Ties(_DenseUpdateMerge):
+    name, kind, peft_name, default_weight = "ties", "ties", "ties_svd", "one"
+    description = "TIES on the updates (trim to density, elect signs, disjoint mean), truncated to rank r"
+
+
+@register_merge_method
+class DareLinear(_DenseUpdateMerge):
+    name, kind, peft_name, random = "dare_linear", "dare_linear", "dare_linear_svd", True
+    description = "DARE on the updates (drop 1-density, rescale), weighted sum, truncated to rank r"
+
+
+@register_merge_method
+class DareTies(_DenseUpdateMerge):
+    name, kind, peft_name, random, default_weight = "dare_ties", "dare_ties", "dare_ties_svd", True, "one"
+    description = "DARE drop then TIES sign election on the updates, truncated to rank r"
+
+
+@register_merge_method
+class MagnitudePrune(_DenseUpdateMerge):
+    name, kind, peft_name = "magnitude_prune", "magnitude_prune", "magnitude_prune_svd"
+    description = "magnitude pruning of each update then weighted sum, truncated to rank r"
+
+
+@register_merge_method
+class Knots(MergeMethod):
+    """KnOTS (Stoica et al. 2025), our reading: SVD of the side-by-side updates
+    [dW_1 ... dW_N] = U S [V_1^T ... V_N^T]; merge the task coordinates V_t^T (TIES or weighted sum);
+    rebuild U S V_merged^T and truncate to rank r. The SVD comes from a d_out- or R-sized Gram."""
+
+    name = "knots"
+    family = "update"
+    uses_density = True
+    default_weight = "one"
+    description = "KnOTS: shared basis U S from the concatenated updates, task coordinates merged (TIES by default)"
+
+    def default_weights(self, n):
+        return [1.0] * n  # TIES-style by default; knots_inner="linear" users usually pass 1/N
+
+    def merge_module(self, stack, weights, ctx):
+        o = ctx.options
+        A, B = stack.padded(torch.float64)  # B scaled; (N, r, d_in), (N, d_out, r)
+        N, r, d_in = A.shape
+        d_out = B.shape[1]
+        Bcat = B.permute(1, 0, 2).reshape(d_out, N * r)  # [s_1 B_1, ..., s_N B_N]
+        GA = A @ A.transpose(1, 2)  # blockdiag(A_t A_t^T)
+        if d_out <= N * r:
+            BG = torch.einsum("otj,tjk->otk", Bcat.view(d_out, N, r), GA).reshape(d_out, N * r)
+            S2, U = torch.linalg.eigh(BG @ Bcat.T)
+        else:
+            Q, Rb = torch.linalg.qr(Bcat)
+            blk = torch.block_diag(*GA)
+            S2, Uq = torch.linalg.eigh(Rb @ blk @ Rb.T)
+            U = Q @ Uq
+        S2, U = S2.flip(0), U.flip(1)
+        keep = S2 > S2[0].clamp_min(0) * 1e-12
+        S = S2[keep].sqrt()
+        U = U[:, keep]
+        # V_t^T = S^-1 U^T dW_t = S^-1 (U^T s_t B_t) A_t, shape (k, d_in) per task.
+        Vt = torch.einsum("ok,tor,tri->tki", U, B, A) / S.view(1, -1, 1)
+        inner = "ties" if o.knots_inner == "ties" else "linear"
+        Vm = combine(inner, Vt.float(), weights, density=o.density, sign_method=o.sign_method)
+        Bn, An = truncate_factored((U * S).float(), Vm, _out_rank(stack, ctx))
+        return An, Bn
+
+
+# ---- A/B-separate family (PEFT's add_weighted_adapter without *_svd) --------------------------
+class _ABMerge(MergeMethod):
+    family = "ab"
+    kind: ClassVar[str]
+
+    def merge_module(self, stack, weights, ctx):
+        if len(set(stack.ranks)) != 1:
+            raise AdapterError(
+                f"module {stack.name}: A/B-separate merges need one rank across adapters, got {sorted(set(stack.ranks))}; "
+                f"use an update-space method (task_arithmetic, ties, ...)"
+            )
+        o = ctx.options
+        # As PEFT: w*s split as sqrt on both sides, the sign on A only.
+        ws = [float(weights[t]) * stack.scaling[t] for t in range(stack.n)]
+        wa = torch.tensor([math.sqrt(abs(x)) * (1.0 if x >= 0 else -1.0) for x in ws])
+        wb = torch.tensor([math.sqrt(abs(x)) for x in ws])
+        kw = dict(density=o.density, sign_method=o.sign_method, rng=ctx.torch_rng)
+        A = combine(self.kind, [a.float() for a in stack.A], wa, **kw)
+        B = combine(self.kind, [b.float() for b in stack.B], wb, **kw)
+        return A, B
+
+
+@register_merge_method
+class LinearAB(_ABMerge):
+    name, kind, peft_name = "linear_ab", "linear", "linear"
+    description = "PEFT 'linear': A and B averaged separately (not the sum of updates)"
+
+
+@register_merge_method
+class TiesAB(_ABMerge):
+    name, kind, peft_name, uses_density, default_weight = "ties_ab", "ties", "ties", True, "one"
+    description = "PEFT 'ties': TIES on A and on B separately"
+
+
+@register_merge_method
+class DareLinearAB(_ABMerge):
+    name, kind, peft_name, uses_density, random = "dare_linear_ab", "dare_linear", "dare_linear", True, True
+    description = "PEFT 'dare_linear': DARE on A and on B separately"
+
+
+@register_merge_method
+class DareTiesAB(_ABMerge):
+    name, kind, peft_name, uses_density, random, default_weight = "dare_ties_ab", "dare_ties", "dare_ties", True, True, "one"
+    description = "PEFT 'dare_ties': DARE + TIES on A and on B separately"
+
+
+@register_merge_method
+class MagnitudePruneAB(_ABMerge):
+    name, kind, peft_name, uses_density = "magnitude_prune_ab", "magnitude_prune", "magnitude_prune", True
+    description = "PEFT 'magnitude_prune': magnitude pruning on A and on B separately"
+
+
+# ---- driver -------------------------------------------------------------------------------------
+@dataclass
+class MergeResult:
+    method: str
+    family: Family
+    adapter: LoraAdapter
+    options: MergeOptions
+    weights: list[float]
+    seconds: float
+    storage: StorageReport = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.storage = StorageReport.from_tensors((m, t) for m, lm in self.adapter.modules.items() for t in (lm.A, lm.B))
+
+    def summary(self, library: StorageReport | None = None) -> dict[str, Any]:
+        out = {
+            "method": self.method,
+            "family": self.family,
+            "peft_equivalent": get_merge_method(self.method).peft_name,
+            "weights": self.weights,
+            "options": self.options.to_dict(),
+            "seconds": round(self.seconds, 4),
+            "storage": self.storage.to_dict(per_module=False),
+        }
+        if library is not None:
+            out["storage_fraction"] = self.storage.params / library.params
+        return out
+
+
+def resolve_weights(method: MergeMethod, n: int, weights: Sequence[float] | None) -> list[float]:
+    if weights is None:
+        return method.default_weights(n)
+    w = [float(x) for x in weights]
+    if len(w) != n:
+        raise RomscaleError(f"got {len(w)} weights for {n} adapters")
+    if not all(np.isfinite(w)):
+        raise RomscaleError(f"weights must be finite, got {w}")
+    return w
+
+
+def merge_adapters(
+    bank: AdapterBank,
+    method: str,
+    options: MergeOptions | None = None,
+    *,
+    name: str | None = None,
+    progress: bool = False,
+    torch_generator: torch.Generator | None = None,
+) -> MergeResult:
+    """Merge every adapter of `bank` into one LoRA adapter with `method` (see MERGE_METHODS).
+
+    Random methods draw from a generator seeded with `options.seed`, module by module in the bank's
+    order; `torch_generator` replaces it (e.g. to replay the global-RNG stream of a PEFT run)."""
+    options = options or MergeOptions()
+    m = get_merge_method(method)
+    if m.uses_density and not 0.0 <= options.density <= 1.0:
+        raise RomscaleError(f"density must be in [0, 1], got {options.density}")
+    w = resolve_weights(m, bank.n, options.weights)
+    wt = torch.tensor(w, dtype=torch.float32)
+    ctx = MergeContext.create(options, torch_generator)
+    start = time.perf_counter()
+    factors = {}
+    for mod in tqdm(bank.modules, desc=f"merge {method}", disable=not progress):
+        A, B = m.merge_module(bank.stack(mod), wt, ctx)
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise RomscaleError(f"merge {method} produced NaN/Inf in module {mod}")
+        factors[mod] = (A.float().contiguous(), B.float().contiguous())
+    adapter = adapter_from_factors(name or f"merge-{method}", bank.template_config(), factors)
+    return MergeResult(method, m.family, adapter, options, w, time.perf_counter() - start)
