@@ -1,0 +1,192 @@
+"""Batch-1 greedy decoding on this machine: (a) the dense model with the same RAM architecture,
+(b) the MeKi deploy bundle with its table on storage (page cache dropped before each run), (c) the
+unfolded training form. Runs are interleaved; medians of >= 5. Random weights: speed does not
+depend on their values.
+
+Memory figures come from separate child processes (one per arm), so neither arm's allocations
+pollute the other's: anonymous RSS after loading and generating, and the table's page-cache
+residency (mincore) after generating.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from romscale.meki.config import MekiConfig
+from romscale.meki.fold import fold
+from romscale.meki.presets import build_model, get_preset
+from romscale.rom.fused import fuse_meki_ffn
+from romscale.rom.pagecache import PAGE, drop_file_cache, rss_anon_bytes
+from romscale.rom.runtime import export_bundle, load_bundle
+from romscale.rom.table import TABLE_FILE
+
+
+@dataclass
+class DecodeBenchConfig:
+    preset: str = "smollm2-135m"
+    d_mem: int = 72
+    new_tokens: int = 64
+    memory_tokens: int = 256  # generated in the memory probes
+    runs: int = 5
+    prompt_len: int = 8
+    table_dtype: str = "fp16"
+    prefetch: bool = False
+    fused: bool = True
+    seed: int = 0
+    threads: int | None = None
+
+
+def _prompt(cfg: DecodeBenchConfig, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, cfg.prompt_len), generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def _generate(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+
+
+def _timed(model, prompt: torch.Tensor, n: int) -> float:
+    start = time.perf_counter()
+    _generate(model, prompt, n)
+    return n / (time.perf_counter() - start)
+
+
+def _build(cfg: DecodeBenchConfig, arm: str):
+    meki = MekiConfig(d_mem=cfg.d_mem, zero_init_output=False)
+    return build_model(cfg.preset, meki, with_meki=arm != "dense", seed=cfg.seed).eval()
+
+
+def _load_bundle(cfg: DecodeBenchConfig, path: Path):
+    bundle = load_bundle(path, prefetch=cfg.prefetch)
+    if cfg.fused:
+        fuse_meki_ffn(bundle.model)
+    return bundle
+
+
+def _touched_bytes(ids: torch.Tensor, row_bytes: int, header: int) -> int:
+    """Bytes of whole pages spanned by the rows of the distinct tokens in `ids`."""
+    pages: set[int] = set()
+    for tok in torch.unique(ids).tolist():
+        start = header + tok * row_bytes
+        pages.update(range(start // PAGE, (start + row_bytes - 1) // PAGE + 1))
+    return len(pages) * PAGE
+
+
+def memory_probe(cfg: DecodeBenchConfig, arm: str, bundle_dir: Path | None) -> dict[str, Any]:
+    """Run in a child process: load one arm, generate, report memory."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    vocab = get_preset(cfg.preset).vocab
+    prompt = _prompt(cfg, vocab)
+    if arm == "dense":
+        model = _build(cfg, "dense")
+        _generate(model, prompt, cfg.memory_tokens)
+        return {"rss_anon_bytes": rss_anon_bytes()}
+    drop_file_cache(bundle_dir / TABLE_FILE)
+    bundle = _load_bundle(cfg, bundle_dir)
+    out = _generate(bundle.model, prompt, cfg.memory_tokens)
+    m = bundle.table.manifest
+    row_bytes = m["tensors"]["table"]["row_bytes"]
+    header = m["header_bytes"] + m["tensors"]["table"]["data_offsets"][0]
+    touched = _touched_bytes(out, row_bytes, header)
+    if "scales" in m["tensors"]:
+        e = m["tensors"]["scales"]
+        touched += _touched_bytes(out, e["row_bytes"], m["header_bytes"] + e["data_offsets"][0])
+    return {
+        "rss_anon_bytes": rss_anon_bytes(),
+        "table_resident_bytes": bundle.table.resident_bytes(),
+        "touched_rows_bytes": touched,
+        "distinct_tokens": int(torch.unique(out).numel()),
+    }
+
+
+def _probe_in_child(cfg: DecodeBenchConfig, arm: str, bundle_dir: Path) -> dict[str, Any]:
+    payload = json.dumps({"cfg": asdict(cfg), "arm": arm, "bundle": str(bundle_dir)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "romscale.bench.decode", payload], capture_output=True, text=True, env={**os.environ}
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe for {arm} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_decode(cfg: DecodeBenchConfig, workdir: Path | None = None, log=print) -> dict[str, Any]:
+    if cfg.runs < 5:
+        raise ValueError("runs must be >= 5 (medians of at least 5 runs)")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tmp = tempfile.TemporaryDirectory(prefix="romscale-bench-", dir=workdir)
+    bundle_dir = Path(tmp.name) / "bundle"
+    try:
+        log(f"building and exporting {cfg.preset} with d_mem={cfg.d_mem} ({cfg.table_dtype} table) ...")
+        folded = fold(_build(cfg, "meki"))
+        export_bundle(folded, bundle_dir, dtype=cfg.table_dtype)
+        del folded
+        dense, unfolded = _build(cfg, "dense"), _build(cfg, "meki")
+        bundle = _load_bundle(cfg, bundle_dir)
+        prompt = _prompt(cfg, get_preset(cfg.preset).vocab)
+        arms = {"dense": dense, "meki": bundle.model, "unfolded": unfolded}
+        for model in arms.values():  # warm-up (allocator, first-call paths)
+            _timed(model, prompt, 4)
+        speeds: dict[str, list[float]] = {k: [] for k in arms}
+        for r in range(cfg.runs):
+            for name, model in arms.items():
+                if name == "meki":
+                    drop_file_cache(bundle_dir / TABLE_FILE)  # rows come from storage, not RAM
+                speeds[name].append(_timed(model, prompt, cfg.new_tokens))
+            log(f"run {r + 1}/{cfg.runs}: " + ", ".join(f"{k} {v[-1]:.2f} tok/s" for k, v in speeds.items()))
+        table_bytes = bundle.table.table_bytes
+        read_per_token = bundle.table.row_bytes
+        bundle.close()
+        del arms, dense, unfolded, bundle
+        log("memory probes (child processes) ...")
+        mem_dense = _probe_in_child(cfg, "dense", bundle_dir)
+        mem_meki = _probe_in_child(cfg, "meki", bundle_dir)
+    finally:
+        tmp.cleanup()
+    med = {k: statistics.median(v) for k, v in speeds.items()}
+    touched = mem_meki["touched_rows_bytes"]
+    return {
+        "config": asdict(cfg),
+        "dense_tok_s": med["dense"],
+        "meki_tok_s": med["meki"],
+        "unfolded_tok_s": med["unfolded"],
+        "ratio": med["meki"] / med["dense"],
+        "unfolded_ratio": med["unfolded"] / med["dense"],
+        "table_bytes": table_bytes,
+        "read_bytes_per_token": read_per_token,
+        "touched_rows_bytes": touched,
+        "table_resident_bytes": mem_meki["table_resident_bytes"],
+        "resident_over_touched": mem_meki["table_resident_bytes"] / max(touched, 1),
+        "distinct_tokens": mem_meki["distinct_tokens"],
+        "rss_delta_bytes": mem_meki["rss_anon_bytes"] - mem_dense["rss_anon_bytes"],
+        "rss_delta_over_table": (mem_meki["rss_anon_bytes"] - mem_dense["rss_anon_bytes"]) / table_bytes,
+        "speeds_tok_s": speeds,
+        "memory_tokens": cfg.memory_tokens,
+        "threads": torch.get_num_threads(),
+    }
+
+
+if __name__ == "__main__":  # child-process entry for memory_probe
+    args = json.loads(sys.argv[1])
+    result = memory_probe(DecodeBenchConfig(**args["cfg"]), args["arm"], Path(args["bundle"]))
+    print(json.dumps(result))
