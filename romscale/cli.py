@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from romscale.adapters.cli import app as adapters_app
@@ -17,11 +18,14 @@ app = typer.Typer(help="romscale: trade flash storage for on-device LLM quality.
 meki_app = typer.Typer(help="MeKi memory experts: inspect presets, retrofit, fold.", no_args_is_help=True)
 app.add_typer(meki_app, name="meki")
 app.add_typer(adapters_app, name="adapters")
+bench_app = typer.Typer(help="Benchmarks that print figures and write JSON.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -161,6 +165,135 @@ def demo(
     )
     console.print(f"sample ({r['sample']['prompt']!r}): {r['sample']['continuation']!r}")
     console.print(f"wrote {out / 'results.json'}, {out / 'loss.png'}, {out / 'meki-folded'} in {r['total_seconds']} s")
+
+
+@app.command("export")
+def export(
+    src: Path = typer.Argument(..., help="a MeKi checkpoint folder (folded, or training form: it is folded first)"),
+    bundle: Path = typer.Option(..., "--bundle", help="output bundle folder"),
+    dtype: str = typer.Option("fp16", help="ROM table dtype: fp16 | bf16 | int8"),
+) -> None:
+    """Write a deploy bundle: RAM part (safetensors + config) and one packed ROM table file."""
+    from romscale.meki.fold import fold
+    from romscale.meki.io import load_meki
+    from romscale.rom.runtime import export_bundle
+
+    try:
+        model = fold(load_meki(src))
+        export_bundle(model, bundle, dtype=dtype, tokenizer=_maybe_tokenizer(src))
+    except RomscaleError as exc:
+        _fail(exc)
+    console.print(f"bundle written to {bundle}")
+
+
+@app.command("verify")
+def verify(bundle: Path = typer.Option(..., "--bundle", help="a deploy bundle folder")) -> None:
+    """Check the bundle's manifests, its match with the RAM part, and every block checksum."""
+    from romscale.rom.runtime import load_bundle
+
+    try:
+        b = load_bundle(bundle)
+        b.table.verify()
+        m = b.table.manifest
+        b.close()
+    except RomscaleError as exc:
+        _fail(exc)
+    blocks = sum(len(e["block_sha256"]) for e in m["tensors"].values())
+    console.print(
+        f"OK: {bundle} ({m['dtype']} table, {m['vocab_size']} x {m['num_layers']} x {m['d_mem']}, {blocks} blocks checked)"
+    )
+
+
+@app.command("generate")
+def generate(
+    bundle: Path = typer.Option(..., "--bundle", help="a deploy bundle folder with a tokenizer"),
+    prompt: str = typer.Option(..., help="prompt text"),
+    max_new_tokens: int = typer.Option(64),
+    sample: bool = typer.Option(False, help="sample instead of greedy decoding"),
+    temperature: float = typer.Option(0.8),
+    top_p: float = typer.Option(0.95),
+    seed: int = typer.Option(0),
+    prefetch: bool = typer.Option(True, help="fetch each token's rows on a background thread"),
+) -> None:
+    """Stream a continuation from a deploy bundle, reading the table rows from storage."""
+    import torch
+    from transformers import TextStreamer
+
+    from romscale.rom.fused import fuse_meki_ffn
+    from romscale.rom.runtime import load_bundle
+
+    try:
+        tok = _maybe_tokenizer(bundle)
+        if tok is None:
+            raise RomscaleError(f"--bundle {bundle}: no tokenizer files in the bundle (export from a folder that has them)")
+        b = load_bundle(bundle, prefetch=prefetch)
+    except RomscaleError as exc:
+        _fail(exc)
+    fuse_meki_ffn(b.model)
+    torch.manual_seed(seed)
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    b.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        temperature=temperature if sample else None,
+        top_p=top_p if sample else None,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        streamer=TextStreamer(tok, skip_prompt=False),
+    )
+    b.close()
+
+
+@bench_app.command("decode")
+def bench_decode_cmd(
+    json_out: Path = typer.Option(..., "--json", help="write the results here"),
+    preset: str = typer.Option("smollm2-135m"),
+    d_mem: list[int] = typer.Option([72], help="memory width; repeat for several"),
+    new_tokens: int = typer.Option(64, help="tokens per timed run"),
+    memory_tokens: int = typer.Option(256, help="tokens generated in the memory probes"),
+    runs: int = typer.Option(5, help="timed runs per arm (>= 5)"),
+    table_dtype: str = typer.Option("fp16"),
+    prefetch: bool = typer.Option(False),
+    fused: bool = typer.Option(True, help="use the fused FFN + MeKi decode path"),
+) -> None:
+    """Batch-1 greedy decode: dense vs MeKi bundle (table on storage) vs unfolded training form."""
+    import sys
+
+    from romscale.bench.decode import DecodeBenchConfig, bench_decode
+    from romscale.utils.atomic import atomic_write_json
+
+    results = []
+    for dm in d_mem:
+        cfg = DecodeBenchConfig(
+            preset=preset, d_mem=dm, new_tokens=new_tokens, memory_tokens=memory_tokens, runs=runs,
+            table_dtype=table_dtype, prefetch=prefetch, fused=fused,
+        )
+        try:
+            results.append(bench_decode(cfg, log=console.print))
+        except (RomscaleError, ValueError) as exc:
+            _fail(exc)
+    table = Table(title=f"batch-1 greedy decode, {preset}, median of {runs} ({_machine_line()})")
+    for col in ("d_mem", "dense tok/s", "MeKi tok/s", "ratio", "unfolded tok/s", "table MiB", "resident/touched", "RSS delta / table"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(
+            str(r["config"]["d_mem"]), f"{r['dense_tok_s']:.2f}", f"{r['meki_tok_s']:.2f}", f"{r['ratio']:.3f}",
+            f"{r['unfolded_tok_s']:.2f}", f"{r['table_bytes'] / 2**20:.1f}", f"{r['resident_over_touched']:.2f}",
+            f"{r['rss_delta_over_table']:.3%}",
+        )
+    console.print(table)
+    atomic_write_json(json_out, {"command": "romscale " + " ".join(sys.argv[1:]), "machine": _machine_line(), "results": results})
+    console.print(f"wrote {json_out}")
+
+
+def _machine_line() -> str:
+    import os
+    import platform
+
+    import torch
+
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 if __name__ == "__main__":

