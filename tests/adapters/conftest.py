@@ -106,3 +106,11 @@ def base_model():
 @pytest.fixture
 def ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="session")
+def lib_qv(tmp_path_factory) -> list[Path]:
+    """Three rank-4 adapters on q/v only: here the bank's natural module order equals the model's
+    module order, so DARE's random draws can be replayed against PEFT."""
+    root = tmp_path_factory.mktemp("libqv")
+    return [make_lora(root / f"qv{i}", seed=200 + i, alpha=4 + 2 * i, targets=("q_proj", "v_proj")) for i in range(3)]

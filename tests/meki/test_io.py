@@ -24,8 +24,8 @@ def _model(family="llama", tie=True):
 
 @pytest.mark.parametrize("folded", [False, True])
 @pytest.mark.parametrize("tie", [True, False])
-def test_round_trip_identical_logits(tmp_path, ids, folded, tie):
-    model = _model(tie=tie)
+def test_round_trip_identical_logits(tmp_path, ids, family, folded, tie):
+    model = _model(family, tie=tie)
     if folded:
         fold(model)
     save_meki(model, tmp_path / "ck")

@@ -12,7 +12,7 @@ from romscale.meki.attach import attach_meki, meki_branches, meki_state
 from romscale.meki.config import MekiConfig
 from romscale.meki.fold import fold
 from romscale.meki.io import WEIGHTS_FILE, save_meki
-from romscale.rom.fused import FusedGatedMLP, fuse_gate_up, fuse_meki_ffn
+from romscale.rom.fused import FusedMekiMLP, fuse_meki_ffn
 from romscale.rom.runtime import export_bundle, load_bundle
 from romscale.rom.table import MANIFEST_FILE, TABLE_FILE, RomTable
 
@@ -68,7 +68,7 @@ def test_generate_greedy_batch_and_cache(bundle_dir, prefetch, fused):
     b = load_bundle(bundle_dir, prefetch=prefetch)
     if fused:
         assert fuse_meki_ffn(b.model) == 2
-        assert all(isinstance(layer.mlp, FusedGatedMLP) for layer in b.model.model.layers)
+        assert all(isinstance(layer.mlp, FusedMekiMLP) for layer in b.model.model.layers)
     batch = torch.tensor([[0, 0, 7, 8, 9], [11, 12, 13, 14, 15]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -88,12 +88,18 @@ def test_sampling_runs_and_is_seeded(bundle_dir):
     assert outs[0].shape == (1, 9) and torch.equal(outs[0], outs[1])
 
 
-def test_fused_dense_baseline_is_exact(ids):
-    model = tiny_base("qwen2")
+@pytest.mark.parametrize("fusion", ["add_sigmoid", "mul_silu"])
+def test_fused_path_matches_hooks_for_fusions(tmp_path, ids, fusion):
+    path = export_bundle(_folded("mistral", fusion=fusion), tmp_path / "b")
+    ref, b = load_bundle(path), load_bundle(path)
+    assert fuse_meki_ffn(b.model) == 2
     with torch.no_grad():
-        ref = model(ids).logits
-        assert fuse_gate_up(model) == 2
-        assert (model(ids).logits - ref).abs().max() <= 1e-5
+        assert (b.model(ids).logits - ref.model(ids).logits).abs().max() <= 1e-5
+
+
+def test_fusing_leaves_other_positions_alone(tmp_path):
+    b = load_bundle(export_bundle(_folded(position="after_ffn"), tmp_path / "b"))
+    assert fuse_meki_ffn(b.model) == 0
 
 
 def test_rows_are_read_on_demand(bundle_dir):
