@@ -197,3 +197,11 @@ def test_token_out_of_range(bundle_dir):
     with pytest.raises(CheckpointError, match="out of range"):
         t.rows(torch.tensor([96]))
     t.close()
+
+
+def test_ram_part_alone_needs_its_table(bundle_dir, ids):
+    from romscale.meki.io import load_meki
+
+    model = load_meki(bundle_dir)  # the RAM part loads, in the external form
+    with pytest.raises(RomscaleError, match="no ROM table is connected"):
+        model(ids)
