@@ -72,7 +72,10 @@ def evaluate_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 16, 
 
 
 def train_lm(model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Tensor, cfg: TrainConfig, desc: str = "train") -> TrainResult:
-    """Train `model` in place for `cfg.steps` steps on random batches of `train_blocks`."""
+    """Train `model` in place for `cfg.steps` steps on random batches of `train_blocks`.
+
+    Under `accelerate launch` / `torchrun` each process trains its shard and gradients are
+    averaged (DDP); the caller's `model` object holds the trained weights in every process."""
     torch.manual_seed(cfg.seed)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     loader = DataLoader(
@@ -112,5 +115,4 @@ def train_lm(model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Ten
             if step >= cfg.steps:
                 break
     bar.close()
-    accelerator.unwrap_model(model)
     return result
