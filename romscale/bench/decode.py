@@ -28,7 +28,7 @@ from romscale.meki.config import MekiConfig
 from romscale.meki.fold import fold
 from romscale.meki.presets import build_model, get_preset
 from romscale.rom.fused import fuse_meki_ffn
-from romscale.rom.pagecache import PAGE, drop_file_cache, rss_anon_bytes
+from romscale.rom.pagecache import PAGE, drop_file_cache, release_free_memory, rss_anon_bytes
 from romscale.rom.runtime import export_bundle, load_bundle
 from romscale.rom.table import TABLE_FILE
 
@@ -99,6 +99,7 @@ def memory_probe(cfg: DecodeBenchConfig, arm: str, bundle_dir: Path | None) -> d
     prompt = _prompt(cfg, vocab)
     if arm == "dense":
         model = _build(cfg, "dense")
+        release_free_memory()  # as load_bundle does: compare steady states, not allocator slack
         _generate(model, prompt, cfg.memory_tokens)
         return {"rss_anon_bytes": rss_anon_bytes()}
     drop_file_cache(bundle_dir / TABLE_FILE)

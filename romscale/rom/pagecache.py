@@ -44,3 +44,16 @@ def rss_anon_bytes() -> int:
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) * 1024
     raise OSError("RssAnon not found in /proc/self/status")
+
+
+def release_free_memory() -> None:
+    """Return freed heap memory to the OS (glibc malloc_trim), e.g. the scratch of model loading.
+
+    glibc raises its mmap threshold after large frees, so load-time copies can stay in the heap and
+    count as resident memory though nothing uses them. No-op where malloc_trim does not exist.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -18,6 +18,7 @@ from torch import nn
 from romscale.errors import CheckpointError, RomscaleError
 from romscale.meki.attach import meki_branches, meki_state
 from romscale.meki.io import CONFIG_FILE, load_meki, write_checkpoint
+from romscale.rom.pagecache import release_free_memory
 from romscale.rom.table import DTYPES, RomTable, write_table
 from romscale.utils.atomic import atomic_dir
 
@@ -83,6 +84,7 @@ def load_bundle(path: str | Path, prefetch: bool = False, dtype: torch.dtype = t
     except CheckpointError:
         table.close()
         raise
+    release_free_memory()  # drop the load's scratch copies before serving
     if prefetch:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rom-prefetch")
         state.row_source = lambda ids: pool.submit(table.rows, ids, dtype)
