@@ -1,1 +1,44 @@
-"""Adapter libraries under a storage budget: PEFT I/O, merges, HydraOpt."""
+"""Adapter libraries under a storage budget: PEFT I/O, merges, HydraOpt.
+
+    bank = AdapterBank.load(["a/", "b/", "c/"])               # checked to fit together
+    merged = merge_adapters(bank, "ties", MergeOptions(density=0.5))
+    write_peft_adapter(merged.adapter, "merged/")              # loads with PeftModel.from_pretrained
+    bundle = fit_hydraopt(bank, HydraOptConfig(storage=0.5))   # shared factors + task map
+    bundle.save("lib.hydra/"); bundle.export_task("a", "a_small/")
+
+Names are imported lazily so that `romscale --help` does not pay for importing peft.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AdapterBank": "bank",
+    "HydraBundle": "bundle",
+    "HydraOptConfig": "hydraopt",
+    "fit_hydraopt": "hydraopt",
+    "fit_hydraopt_many": "hydraopt",
+    "storage_params": "hydraopt",
+    "MERGE_METHODS": "merge",
+    "MergeMethod": "merge",
+    "MergeOptions": "merge",
+    "get_merge_method": "merge",
+    "merge_adapters": "merge",
+    "register_merge_method": "merge",
+    "LoraAdapter": "peft_io",
+    "LoraModule": "peft_io",
+    "read_peft_adapter": "peft_io",
+    "write_peft_adapter": "peft_io",
+    "reconstruction_report": "report",
+    "StorageReport": "storage",
+    "collect_input_factors": "activations",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"romscale.adapters.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'romscale.adapters' has no attribute {name!r}")

@@ -45,6 +45,7 @@ class AdapterBank:
         if dup:
             raise AdapterError(f"adapter names must be unique; repeated: {dup}")
         self.adapters: list[LoraAdapter] = list(adapters)
+        self._storage: StorageReport | None = None
         self._check(allow_base_mismatch)
         ref = self.adapters[0]
         self.modules: list[str] = sorted(ref.modules, key=natural_key)
@@ -150,10 +151,12 @@ class AdapterBank:
         return StorageReport.from_tensors((m, t) for m, lm in a.modules.items() for t in (lm.A, lm.B))
 
     def storage(self) -> StorageReport:
-        """Everything the library stores: all factors of all adapters."""
-        return StorageReport.from_tensors(
-            (m, t) for a in self.adapters for m, lm in a.modules.items() for t in (lm.A, lm.B)
-        )
+        """Everything the library stores: all factors of all adapters (computed once)."""
+        if self._storage is None:
+            self._storage = StorageReport.from_tensors(
+                (m, t) for a in self.adapters for m, lm in a.modules.items() for t in (lm.A, lm.B)
+            )
+        return self._storage
 
     def info(self) -> dict[str, Any]:
         """A JSON-able summary: per adapter and for the library."""

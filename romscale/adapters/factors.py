@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import scipy.linalg
 import torch
 
 
@@ -44,11 +45,13 @@ class ModuleStack:
         # Same operation order as PEFT's get_delta_weight: (B @ A) * scaling.
         return (self.B[t].to(dtype) @ self.A[t].to(dtype)) * self.scaling[t]
 
-    def deltas(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """All dense updates, (N, d_out, d_in)."""
+    def deltas(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        """All dense updates, (N, d_out, d_in). Pass a reused `out` for large stacks: fresh
+        allocations above glibc's mmap threshold page-fault on every call."""
         A, B = self.padded(dtype, fold_scaling=False)
         s = torch.tensor(self.scaling, dtype=dtype).view(-1, 1, 1)
-        return torch.bmm(B, A) * s
+        D = torch.bmm(B, A, out=out)
+        return D.mul_(s)
 
     def padded(self, dtype: torch.dtype = torch.float64, fold_scaling: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (N, r_max, d_in), B (N, d_out, r_max)); zero padding leaves every B @ A unchanged."""
@@ -80,7 +83,22 @@ def rel_error_sq(B: torch.Tensor, A: torch.Tensor, Bh: torch.Tensor, Ah: torch.T
 
 
 def truncate_dense(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-`rank` factors (B = U S, A = Vh) of a dense matrix, as PEFT's svd merges build them."""
+    """Best rank-`rank` factors (B, A) of a dense matrix (same product as PEFT's U S, Vh)."""
+    d_out, d_in = M.shape
+    k = min(rank, d_out, d_in)
+    if 4 * k <= min(d_out, d_in):
+        # Only k singular directions are needed: LAPACK computes just the top-k eigenpairs of the
+        # smaller Gram, in float64 so that squaring the spectrum costs no accuracy that matters.
+        Md = M.double()
+        if d_out <= d_in:
+            _, U = scipy.linalg.eigh((Md @ Md.T).numpy(), subset_by_index=[d_out - k, d_out - 1])
+            U = torch.from_numpy(U[:, ::-1].copy())
+            B, A = U, U.T @ Md
+        else:
+            _, V = scipy.linalg.eigh((Md.T @ Md).numpy(), subset_by_index=[d_in - k, d_in - 1])
+            V = torch.from_numpy(V[:, ::-1].copy())
+            B, A = Md @ V, V.T
+        return _pad_rank(B.to(M.dtype), A.to(M.dtype), rank)
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     k = min(rank, S.shape[0])
     B, A = U[:, :k] * S[:k], Vh[:k]
@@ -119,6 +137,14 @@ def top_eigh(S: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     vals, vecs = torch.linalg.eigh(S)
     vals, vecs = vals.flip(0), vecs.flip(1)
     return vals[:k].clamp_min(0), vecs[:, :k]
+
+
+def top_eigvals(S: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """The k largest eigenvalues of a symmetric PSD matrix, descending, clamped at 0."""
+    n = S.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=S.dtype)
+    return torch.linalg.eigvalsh(S).flip(0)[:k].clamp_min(0)
 
 
 def psd_sqrt_factor(H: torch.Tensor, tol: float = 1e-13) -> torch.Tensor:

@@ -14,6 +14,7 @@ LoRA adapter. Two families, always named in results:
 from __future__ import annotations
 
 import math
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
@@ -21,12 +22,12 @@ from typing import Any, ClassVar, Literal, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from romscale.errors import AdapterError, RomscaleError
 from romscale.adapters.bank import AdapterBank
 from romscale.adapters.factors import ModuleStack, truncate_dense, truncate_factored
 from romscale.adapters.ops import SignMethod, combine
+from romscale.adapters.parallel import map_modules
 from romscale.adapters.peft_io import LoraAdapter, adapter_from_factors
 from romscale.adapters.storage import StorageReport
 
@@ -53,16 +54,31 @@ class MergeOptions:
 
 @dataclass
 class MergeContext:
-    """Per-run state handed to every module call: random generators consumed in module order."""
+    """State handed to every module call. `torch_rng` is one stream consumed module by module in
+    the bank's order (PEFT's order, so merges run sequentially when they draw from it); `np_rng` is
+    seeded per module from (seed, module index), so fast random merges can run in parallel and
+    still give the same result."""
 
     options: MergeOptions
     torch_rng: torch.Generator
     np_rng: np.random.Generator
+    _buffers: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def create(cls, options: MergeOptions, torch_generator: torch.Generator | None = None) -> "MergeContext":
         g = torch_generator if torch_generator is not None else torch.Generator().manual_seed(options.seed)
-        return cls(options, g, np.random.default_rng(options.seed))
+        return cls(options, g, np.random.default_rng([options.seed, 0]))
+
+    def for_module(self, index: int) -> "MergeContext":
+        return MergeContext(self.options, self.torch_rng, np.random.default_rng([self.options.seed, index]), self._buffers)
+
+    def buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A scratch tensor reused across modules of one shape, per thread: fresh allocations
+        above glibc's mmap threshold page-fault on every call."""
+        key = (threading.get_ident(), tuple(shape), dtype)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(shape, dtype=dtype)
+        return self._buffers[key]
 
 
 class MergeMethod(ABC):
@@ -145,7 +161,8 @@ class _DenseUpdateMerge(MergeMethod):
     def merge_module(self, stack, weights, ctx):
         o = ctx.options
         rng = ctx.torch_rng if o.rng == "torch" else ctx.np_rng
-        merged = combine(self.kind, list(stack.deltas(torch.float32)), weights, density=o.density, sign_method=o.sign_method, rng=rng)
+        D = stack.deltas(torch.float32, out=ctx.buffer((stack.n, stack.d_out, stack.d_in), torch.float32))
+        merged = combine(self.kind, D, weights, density=o.density, sign_method=o.sign_method, rng=rng)
         B, A = truncate_dense(merged, _out_rank(stack, ctx))
         return A, B
 
@@ -186,9 +203,6 @@ class Knots(MergeMethod):
     default_weight = "one"
     description = "KnOTS: shared basis U S from the concatenated updates, task coordinates merged (TIES by default)"
 
-    def default_weights(self, n):
-        return [1.0] * n  # TIES-style by default; knots_inner="linear" users usually pass 1/N
-
     def merge_module(self, stack, weights, ctx):
         o = ctx.options
         A, B = stack.padded(torch.float64)  # B scaled; (N, r, d_in), (N, d_out, r)
@@ -208,10 +222,12 @@ class Knots(MergeMethod):
         keep = S2 > S2[0].clamp_min(0) * 1e-12
         S = S2[keep].sqrt()
         U = U[:, keep]
-        # V_t^T = S^-1 U^T dW_t = S^-1 (U^T s_t B_t) A_t, shape (k, d_in) per task.
-        Vt = torch.einsum("ok,tor,tri->tki", U, B, A) / S.view(1, -1, 1)
+        # V_t^T = S^-1 U^T dW_t = (S^-1 U^T s_t B_t) A_t, shape (k, d_in) per task; the small
+        # factor in float64, the big product in float32 into a reused buffer.
+        UB = (torch.einsum("ok,tor->tkr", U, B) / S.view(1, -1, 1)).float()
+        Vt = torch.bmm(UB, A.float(), out=ctx.buffer((N, U.shape[1], d_in), torch.float32))
         inner = "ties" if o.knots_inner == "ties" else "linear"
-        Vm = combine(inner, Vt.float(), weights, density=o.density, sign_method=o.sign_method)
+        Vm = combine(inner, Vt, weights, density=o.density, sign_method=o.sign_method)
         Bn, An = truncate_factored((U * S).float(), Vm, _out_rank(stack, ctx))
         return An, Bn
 
@@ -316,6 +332,7 @@ def merge_adapters(
     name: str | None = None,
     progress: bool = False,
     torch_generator: torch.Generator | None = None,
+    workers: int | None = None,
 ) -> MergeResult:
     """Merge every adapter of `bank` into one LoRA adapter with `method` (see MERGE_METHODS).
 
@@ -328,12 +345,17 @@ def merge_adapters(
     w = resolve_weights(m, bank.n, options.weights)
     wt = torch.tensor(w, dtype=torch.float32)
     ctx = MergeContext.create(options, torch_generator)
+    # Draws from the single torch stream must happen in module order: run those sequentially.
+    sequential = m.random and (m.family == "ab" or options.rng == "torch")
     start = time.perf_counter()
-    factors = {}
-    for mod in tqdm(bank.modules, desc=f"merge {method}", disable=not progress):
-        A, B = m.merge_module(bank.stack(mod), wt, ctx)
+
+    def one(i: int, mod: str) -> tuple[torch.Tensor, torch.Tensor]:
+        A, B = m.merge_module(bank.stack(mod), wt, ctx.for_module(i))
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise RomscaleError(f"merge {method} produced NaN/Inf in module {mod}")
-        factors[mod] = (A.float().contiguous(), B.float().contiguous())
+        return A.float().contiguous(), B.float().contiguous()
+
+    results = map_modules(one, bank.modules, workers=1 if sequential else workers, desc=f"merge {method}", progress=progress)
+    factors = dict(zip(bank.modules, results))
     adapter = adapter_from_factors(name or f"merge-{method}", bank.template_config(), factors)
     return MergeResult(method, m.family, adapter, options, w, time.perf_counter() - start)

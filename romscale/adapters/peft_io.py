@@ -245,18 +245,12 @@ def adapter_from_factors(name: str, template: Mapping[str, Any], factors: Mappin
     return LoraAdapter(name=name, config=cfg, modules=modules)
 
 
-def _same_path(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
-
-
 def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> None:
     """Refuse to write over an input (inputs are never changed) or, unless asked, over anything."""
     for src in inputs:
-        if _same_path(out, src) or (src.exists() and out.exists() and src.resolve().is_relative_to(out.resolve())):
-            raise AdapterError(f"{out}: output path is (or contains) the input {src}; inputs are never overwritten")
+        s, o = src.resolve(), out.resolve()
+        if s == o or s.is_relative_to(o) or o.is_relative_to(s):
+            raise AdapterError(f"{out}: output path is, contains or lies inside the input {src}; inputs are never overwritten")
     if out.exists() and not overwrite:
         raise AdapterError(f"{out}: already exists; pass overwrite=True (--overwrite) to replace it")
 

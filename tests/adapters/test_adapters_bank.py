@@ -9,7 +9,7 @@ import shutil
 import pytest
 import safetensors.torch
 import torch
-from conftest import make_lora, tiny_llama, tree_hash
+from adapters_helpers import lib4, lib_mixed, make_lora, tiny_llama, tok_ids, tree_hash  # noqa: F401 (fixtures)
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 
 from romscale.adapters.bank import AdapterBank
@@ -55,14 +55,14 @@ def test_storage_accounting_exact(lib_mixed, tmp_path):
     assert bank2.storage().total.by_dtype["float32"]["params"] == bank.adapter_storage(1).params
 
 
-def test_write_back_loads_in_peft_and_is_identical(lib_mixed, tmp_path, ids):
+def test_write_back_loads_in_peft_and_is_identical(lib_mixed, tmp_path, tok_ids):
     bank = AdapterBank.load(lib_mixed)
     for i, name in enumerate(bank.names):
         out = bank.write_adapter(name, tmp_path / name)
         ref = PeftModel.from_pretrained(tiny_llama(0), str(lib_mixed[i]))
         new = PeftModel.from_pretrained(tiny_llama(0), str(out))
         with torch.no_grad():
-            torch.testing.assert_close(new(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
+            torch.testing.assert_close(new(input_ids=tok_ids).logits, ref(input_ids=tok_ids).logits, rtol=0, atol=0)
 
 
 def test_legacy_bin_weights_only(lib4, tmp_path):
@@ -221,3 +221,10 @@ def test_lora_module_delta_matches_peft(lib_mixed):
     lm: LoraModule = a.modules["model.layers.0.self_attn.k_proj"]
     torch.testing.assert_close(lm.delta(), mod.get_delta_weight("default"))
     assert isinstance(a, LoraAdapter)
+
+
+def test_output_inside_an_input_is_refused(lib4):
+    bank = AdapterBank.load(lib4)
+    with pytest.raises(AdapterError, match="lies inside the input"):
+        bank.write_adapter(bank.names[0], lib4[1] / "copy")
+    assert not (lib4[1] / "copy").exists()

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_lora, tiny_llama, tree_hash
+from adapters_helpers import lib4, lib_mixed, make_lora, tiny_llama, tok_ids, tree_hash  # noqa: F401 (fixtures)
 from peft import PeftModel
 
 from romscale.adapters.activations import collect_input_factors
@@ -56,7 +56,7 @@ def dense_errors(bank: AdapterBank, bundle: HydraBundle) -> np.ndarray:
     return out
 
 
-def test_exact_recovery_when_tasks_share_A(tmp_path, ids):
+def test_exact_recovery_when_tasks_share_A(tmp_path, tok_ids):
     mods = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
     shared = {m: _rand(_seed(m), 4, 64) * 0.2 for m in mods}
     paths = [make_lora(tmp_path / f"s{i}", 400 + i, shared_A=shared) for i in range(5)]
@@ -75,7 +75,7 @@ def test_exact_recovery_when_tasks_share_A(tmp_path, ids):
         got = PeftModel.from_pretrained(tiny_llama(0), str(out))
         ref = PeftModel.from_pretrained(tiny_llama(0), str(paths[i]))
         with torch.no_grad():
-            torch.testing.assert_close(got(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got(input_ids=tok_ids).logits, ref(input_ids=tok_ids).logits, rtol=1e-4, atol=1e-4)
     assert {p: tree_hash(p) for p in paths} == before  # inputs untouched
 
 
@@ -109,7 +109,7 @@ def test_error_never_increases_with_budget(lib6):
 
 def test_storage_equals_formula(lib_mixed):
     bank = AdapterBank.load(lib_mixed)
-    for cfg in (HydraOptConfig(k_a=1, k_b=3), HydraOptConfig(k_a=2, k_b=1, rank=5), HydraOptConfig(storage=0.7), HydraOptConfig(storage=0.45, factor_dtype="float16")):
+    for cfg in (HydraOptConfig(k_a=1, k_b=3), HydraOptConfig(k_a=2, k_b=1, rank=5), HydraOptConfig(storage=0.7), HydraOptConfig(storage=0.55, factor_dtype="float16")):
         b = fit_hydraopt(bank, cfg)
         c = b.fit["chosen"]
         expect = 0
@@ -132,7 +132,7 @@ def test_shared_A_per_task_B_is_half_storage_on_square_modules(tmp_path):
     b = fit_hydraopt(bank, HydraOptConfig(k_a=1, k_b=n))
     frac = b.storage().params / bank.storage().params
     assert frac == pytest.approx((1 + n) / (2 * n))
-    assert abs(frac - 0.5) <= 1 / (2 * n)
+    assert abs(frac - 0.5) <= 1 / (2 * n) + 1e-12
 
 
 def test_closed_forms_match_dense_svd(lib6):
@@ -170,7 +170,7 @@ def test_als_crossed_groups_recover_and_never_increase():
     A, B = bank.stack(m).padded(torch.float64)
     P = ModuleProblem(A, B, torch.ones(6, dtype=torch.float64))
     g, k = np.array([0, 0, 1, 1, 0, 1]), np.array([0, 1, 1, 0, 1, 0])  # a wrong grouping on purpose
-    At, Bt = _rand(1, 2, 4, 64).double(), _rand(2, 2, 64, 4).double()
+    At, Bt = _rand(1, 2, 4, A.shape[2]).double(), _rand(2, 2, B.shape[1], 4).double()
     _, _, hist = als_refine(P, g, k, At, Bt, iters=40, tol=0)
     assert all(b <= a * (1 + 1e-12) + 1e-15 for a, b in zip(hist, hist[1:]))
     assert hist[-1] < hist[0]
@@ -199,16 +199,25 @@ def test_data_aware_term_trades_plain_error_for_error_on_inputs(lib6):
         return np.mean(errs)
 
     assert data_err(aware) < 0.8 * data_err(plain)
+    # The data-aware ALS never increases its own objective (CG A-steps included).
+    m = bank.modules[1]
+    A, B = bank.stack(m).padded(torch.float64)
+    P = ModuleProblem(A, B, torch.ones(bank.n, dtype=torch.float64))
+    F = [inputs[n][m].double() * (64 / float(inputs[n][m].double().square().sum())) ** 0.5 for n in bank.names]
+    g, k = np.zeros(bank.n, dtype=np.int64), np.array([0, 0, 1, 1, 2, 2])
+    At, Bt = P.tree_factors(g, k, 4)
+    _, _, hist = als_refine(P, g, k, At, Bt, inputs=F, data_weight=0.8, iters=25, tol=0)
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(hist, hist[1:])) and hist[-1] < hist[0]
     assert aware.fit["objective"] >= plain.fit["objective"] - 1e-9  # plain closed form is optimal in plain error
     assert "task_errors_data" in aware.fit
     with pytest.raises(RomscaleError, match="needs inputs"):
         fit_hydraopt(bank, HydraOptConfig(k_a=1, k_b=1, data_weight=0.5))
 
 
-def test_collect_input_factors_and_end_to_end(lib4, ids):
+def test_collect_input_factors_and_end_to_end(lib4, tok_ids):
     bank = AdapterBank.load(lib4)
     model = tiny_llama(0)
-    examples = {name: [ids[0].tolist(), ids[1, :5].tolist()] for name in bank.names[:2]}
+    examples = {name: [tok_ids[0].tolist(), tok_ids[1, :5].tolist()] for name in bank.names[:2]}
     facs = collect_input_factors(model, examples, bank.modules)
     # Reference Gram by hand for one module.
     mod = bank.modules[0]
@@ -225,7 +234,7 @@ def test_collect_input_factors_and_end_to_end(lib4, ids):
     assert set(b.fit["task_errors_data"]) == set(bank.names)
 
 
-def test_bundle_roundtrip_and_peft_loading(lib4, tmp_path, ids):
+def test_bundle_roundtrip_and_peft_loading(lib4, tmp_path, tok_ids):
     before = {p: tree_hash(p) for p in lib4}
     bank = AdapterBank.load(lib4)
     b = fit_hydraopt(bank, HydraOptConfig(storage=0.5))
@@ -243,13 +252,13 @@ def test_bundle_roundtrip_and_peft_loading(lib4, tmp_path, ids):
     with torch.no_grad():
         for m, (A, B) in b2.task_factors(t0).items():
             patched.get_submodule(m).weight += B @ A
-        ref = patched(input_ids=ids).logits
-        torch.testing.assert_close(direct(input_ids=ids).logits, exported(input_ids=ids).logits, rtol=0, atol=0)
-        torch.testing.assert_close(direct(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)
+        ref = patched(input_ids=tok_ids).logits
+        torch.testing.assert_close(direct(input_ids=tok_ids).logits, exported(input_ids=tok_ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(direct(input_ids=tok_ids).logits, ref, rtol=1e-4, atol=1e-4)
         # A second task added to the same PeftModel, then switched to.
         b2.load_into(direct, t1, adapter_name="second")
         ex1 = PeftModel.from_pretrained(tiny_llama(0), str(b2.export_task(t1, tmp_path / "t1")))
-        torch.testing.assert_close(direct(input_ids=ids).logits, ex1(input_ids=ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(direct(input_ids=tok_ids).logits, ex1(input_ids=tok_ids).logits, rtol=0, atol=0)
     assert {p: tree_hash(p) for p in lib4} == before
     with pytest.raises(AdapterError, match="inputs are never overwritten"):
         b.save(lib4[0], overwrite=True, protect=bank.sources)
@@ -292,3 +301,27 @@ def test_bad_hydraopt_arguments(lib4):
         fit_hydraopt(bank, HydraOptConfig(k_a=5, k_b=1))
     with pytest.raises(RomscaleError, match="task weights"):
         fit_hydraopt(bank, HydraOptConfig(k_a=1, k_b=1, task_weights=[1, 2]))
+
+
+def test_many_targets_equal_separate_runs(lib6):
+    from romscale.adapters.hydraopt import fit_hydraopt_many
+
+    bank = AdapterBank.load(lib6)
+    fs = [0.3, 0.55, 0.8]
+    for f, b in zip(fs, fit_hydraopt_many(bank, HydraOptConfig(), fs)):
+        one = fit_hydraopt(bank, HydraOptConfig(storage=f))
+        assert b.fit["chosen"] == one.fit["chosen"]
+        assert b.fit["objective"] == pytest.approx(one.fit["objective"], rel=1e-12, abs=1e-15)
+
+
+def test_auto_structure_shares_the_similar_side():
+    shared_B = synthetic_bank(lambda t, m: _rand(10 * t + _seed(m), 4, SHAPES[m][1]), lambda t, m: _rand(_seed(m), SHAPES[m][0], 4), n=4)
+    f = storage_params(shared_B, 4, 1) / shared_B.storage().params
+    b = fit_hydraopt(shared_B, HydraOptConfig(storage=f + 1e-9))
+    assert b.fit["structure_choice"]["searched"] == ["b"] and b.fit["objective"] < 1e-10
+    shared_A = synthetic_bank(lambda t, m: _rand(_seed(m), 4, SHAPES[m][1]), lambda t, m: _rand(10 * t + _seed(m), SHAPES[m][0], 4), n=4)
+    f = storage_params(shared_A, 1, 4) / shared_A.storage().params
+    a = fit_hydraopt(shared_A, HydraOptConfig(storage=f + 1e-9))
+    assert a.fit["structure_choice"]["searched"] == ["a"] and a.fit["objective"] < 1e-10
+    both = fit_hydraopt(shared_A, HydraOptConfig(storage=f + 1e-9, structures=("a", "b")))
+    assert {c["tree"] for c in both.fit["candidates"]} == {"a", "b"} and both.fit["objective"] < 1e-10

@@ -8,7 +8,7 @@ import numpy as np
 import peft.tuners.lora.model as peft_lora_model
 import pytest
 import torch
-from conftest import make_lora, tiny_llama
+from adapters_helpers import lib4, lib_mixed, lib_qv, make_lora, tiny_llama, tok_ids  # noqa: F401 (fixtures)
 from peft import PeftModel
 from peft.utils.merge_utils import magnitude_based_pruning
 
@@ -93,15 +93,15 @@ def test_parity_with_peft_add_weighted_adapter(ours, peft_type, lib4, lib_qv, tm
         assert any(not torch.allclose(other[m], ref[m], atol=1e-6) for m in ref)
 
 
-def _patched_logits(deltas: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+def _patched_logits(deltas: dict[str, torch.Tensor], tok_ids: torch.Tensor) -> torch.Tensor:
     model = tiny_llama(0)
     with torch.no_grad():
         for name, d in deltas.items():
             model.get_submodule(name).weight += d
-        return model(input_ids=ids).logits
+        return model(input_ids=tok_ids).logits
 
 
-def test_exact_sums_apply_the_intended_update(lib_mixed, tmp_path, ids):
+def test_exact_sums_apply_the_intended_update(lib_mixed, tmp_path, tok_ids):
     """cat and untruncated task arithmetic give W + sum_t w_t s_t B_t A_t, rsLoRA scaling included."""
     bank = AdapterBank.load(lib_mixed)
     w = [0.5, -1.0, 2.0]
@@ -113,11 +113,11 @@ def test_exact_sums_apply_the_intended_update(lib_mixed, tmp_path, ids):
         for m, d in _deltas(pm, "default").items():
             torch.testing.assert_close(d, intended[m], rtol=1e-4, atol=1e-6)
         with torch.no_grad():
-            torch.testing.assert_close(pm(input_ids=ids).logits, _patched_logits(intended, ids), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(pm(input_ids=tok_ids).logits, _patched_logits(intended, tok_ids), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", sorted(MERGE_METHODS))
-def test_every_method_loads_in_peft_and_applies_its_update(method, lib4, tmp_path, ids):
+def test_every_method_loads_in_peft_and_applies_its_update(method, lib4, tmp_path, tok_ids):
     bank = AdapterBank.load(lib4)
     res = merge_adapters(bank, method, MergeOptions(density=0.5, seed=3))
     out = write_peft_adapter(res.adapter, tmp_path / method)
@@ -128,7 +128,7 @@ def test_every_method_loads_in_peft_and_applies_its_update(method, lib4, tmp_pat
         torch.testing.assert_close(deltas[m], lm.B @ lm.A)  # scaling 1, whatever rank
         assert float(deltas[m].norm()) > 0
     with torch.no_grad():
-        torch.testing.assert_close(pm(input_ids=ids).logits, _patched_logits(deltas, ids), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(pm(input_ids=tok_ids).logits, _patched_logits(deltas, tok_ids), rtol=1e-4, atol=1e-4)
     rank = max(bank.ranks(bank.modules[0]))
     expect_rank = 4 * rank if method == "cat" else rank
     assert {lm.r for lm in res.adapter.modules.values()} == {expect_rank}
@@ -204,3 +204,17 @@ def test_merge_outputs_in_half_precision(lib4, tmp_path):
     back = AdapterBank.load([out])
     st = back.storage()
     assert set(st.total.by_dtype) == {"bfloat16"} and st.bytes == 2 * st.params == 2 * res.storage.params
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "ties", "knots"])
+def test_results_do_not_depend_on_worker_threads(method, lib4):
+    bank = AdapterBank.load(lib4)
+    opts = MergeOptions(density=0.4, seed=11)
+    one = merge_adapters(bank, method, opts, workers=1).adapter
+    two = merge_adapters(bank, method, opts, workers=2).adapter
+    for m in bank.modules:
+        torch.testing.assert_close(one.modules[m].B @ one.modules[m].A, two.modules[m].B @ two.modules[m].A, rtol=1e-5, atol=1e-7)
+    if method == "dare_ties":
+        other = merge_adapters(bank, method, MergeOptions(density=0.4, seed=12)).adapter
+        m = bank.modules[0]
+        assert not torch.allclose(other.modules[m].B @ other.modules[m].A, one.modules[m].B @ one.modules[m].A)

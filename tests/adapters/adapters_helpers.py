@@ -1,4 +1,7 @@
-"""Fixtures for adapter tests: a tiny random Llama and real PEFT LoRA folders made from it."""
+"""Helpers and fixtures for adapter tests: a tiny random Llama and real PEFT LoRA folders made from it.
+
+Not a conftest.py on purpose: tests elsewhere do `from conftest import ...`, and a second
+conftest module would shadow the root one. Test modules import the fixtures they use from here."""
 
 from __future__ import annotations
 
@@ -99,12 +102,7 @@ def lib_mixed(tmp_path_factory) -> list[Path]:
 
 
 @pytest.fixture
-def base_model():
-    return tiny_llama(0)
-
-
-@pytest.fixture
-def ids() -> torch.Tensor:
+def tok_ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
 
 
