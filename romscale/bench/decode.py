@@ -37,9 +37,9 @@ from romscale.rom.table import TABLE_FILE
 class DecodeBenchConfig:
     preset: str = "smollm2-135m"
     d_mem: int = 72
-    new_tokens: int = 64
+    new_tokens: int = 32
     memory_tokens: int = 256  # generated in the memory probes
-    runs: int = 5
+    runs: int = 9
     prompt_len: int = 8
     table_dtype: str = "fp16"
     prefetch: bool = False
@@ -145,15 +145,21 @@ def bench_decode(cfg: DecodeBenchConfig, workdir: Path | None = None, log=print)
         dense, unfolded = _build(cfg, "dense"), _build(cfg, "meki")
         bundle = _load_bundle(cfg, bundle_dir)
         prompt = _prompt(cfg, get_preset(cfg.preset).vocab)
-        arms = {"dense": dense, "meki": bundle.model, "unfolded": unfolded}
-        for model in arms.values():  # warm-up (allocator, first-call paths)
+        # "meki": the table's page cache is dropped once before the timed series; "meki_cold":
+        # dropped before every one of its runs, so each run reads its rows from storage again.
+        arms = {"dense": dense, "meki": bundle.model, "meki_cold": bundle.model, "unfolded": unfolded}
+        for model in (dense, bundle.model, unfolded):  # warm-up (allocator, first-call paths)
             _timed(model, prompt, 4)
+        drop_file_cache(bundle_dir / TABLE_FILE)
         speeds: dict[str, list[float]] = {k: [] for k in arms}
+        names = list(arms)
         for r in range(cfg.runs):
-            for name, model in arms.items():
-                if name == "meki":
-                    drop_file_cache(bundle_dir / TABLE_FILE)  # rows come from storage, not RAM
-                speeds[name].append(_timed(model, prompt, cfg.new_tokens))
+            # Rotate the order every run: on a shared VM, the first run after a model switch was
+            # measurably slower, and a fixed order would charge that to one arm.
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                if name == "meki_cold":
+                    drop_file_cache(bundle_dir / TABLE_FILE)
+                speeds[name].append(_timed(arms[name], prompt, cfg.new_tokens))
             log(f"run {r + 1}/{cfg.runs}: " + ", ".join(f"{k} {v[-1]:.2f} tok/s" for k, v in speeds.items()))
         table_bytes = bundle.table.table_bytes
         read_per_token = bundle.table.row_bytes
@@ -171,7 +177,11 @@ def bench_decode(cfg: DecodeBenchConfig, workdir: Path | None = None, log=print)
         "dense_tok_s": med["dense"],
         "meki_tok_s": med["meki"],
         "unfolded_tok_s": med["unfolded"],
+        "meki_cold_tok_s": med["meki_cold"],
         "ratio": med["meki"] / med["dense"],
+        "ratio_cold": med["meki_cold"] / med["dense"],
+        # Median over runs of (MeKi / dense) in the same run round: robust to slow machine drift.
+        "ratio_paired_median": statistics.median(m / d for m, d in zip(speeds["meki"], speeds["dense"])),
         "unfolded_ratio": med["unfolded"] / med["dense"],
         "table_bytes": table_bytes,
         "read_bytes_per_token": read_per_token,
