@@ -205,3 +205,15 @@ def test_ram_part_alone_needs_its_table(bundle_dir, ids):
     model = load_meki(bundle_dir)  # the RAM part loads, in the external form
     with pytest.raises(RomscaleError, match="no ROM table is connected"):
         model(ids)
+
+
+def test_fused_single_token_path_matches_hooks(bundle_dir):
+    ref, b = load_bundle(bundle_dir), load_bundle(bundle_dir)
+    fuse_meki_ffn(b.model)
+    prompt = torch.tensor([[3, 9, 27, 81 % 96]])
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False, pad_token_id=0,
+              output_scores=True, return_dict_in_generate=True)
+    got, want = b.model.generate(prompt, **kw), ref.model.generate(prompt, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for s_got, s_want in zip(got.scores, want.scores):  # decode steps run the batch-1 scalar path
+        assert (s_got - s_want).abs().max() <= 1e-5
