@@ -60,19 +60,13 @@ class MekiState:
     row_source: Callable[[torch.Tensor], Any] | None = None
     rows: Any = None
     handles: list[RemovableHandle] = field(default_factory=list)
-    _per_layer: tuple[torch.Tensor, ...] | None = None
-
-    def set_rows(self, rows: Any) -> None:
-        self.rows, self._per_layer = rows, None
 
     def layer_rows(self, slot: int) -> torch.Tensor | None:
         if self.rows is None:
             return None
-        if self._per_layer is None:
-            if not isinstance(self.rows, torch.Tensor):  # a Future from a background prefetcher
-                self.rows = self.rows.result()
-            self._per_layer = self.rows.unbind(-2)  # one op per token, not one slice per layer
-        return self._per_layer[slot]
+        if not isinstance(self.rows, torch.Tensor):  # a Future from a background prefetcher
+            self.rows = self.rows.result()
+        return self.rows[..., slot, :]
 
 
 def _get(root: nn.Module, path: str) -> Any:
@@ -120,7 +114,7 @@ def _install_hooks(model: nn.Module, state: MekiState, embedding: nn.Embedding) 
                 "(the memory rows are addressed by token id)"
             )
         state.ids = ids
-        state.set_rows(state.row_source(ids) if state.row_source is not None else None)
+        state.rows = state.row_source(ids) if state.row_source is not None else None
 
     decoder = _get(model, fam.decoder)
     state.handles.append(decoder.register_forward_pre_hook(record_ids, with_kwargs=True))
