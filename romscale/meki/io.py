@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from romscale.errors import CheckpointError
 from romscale.meki.attach import MEKI_CONFIG_KEY, attach_meki, meki_state
 from romscale.meki.config import MekiConfig
-from romscale.utils.atomic import atomic_dir, atomic_write_json
+from romscale.utils.atomic import atomic_dir, atomic_write_json, read_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -94,12 +94,10 @@ def write_checkpoint(model: nn.Module, folder: Path, tokenizer=None, skip_tables
 
 def _check_manifest(path: Path) -> None:
     file = path / MANIFEST_FILE
-    if not file.is_file():
-        raise CheckpointError(f"{file} is missing; was this folder written by romscale's save_meki?")
+    manifest = read_json(file, CheckpointError, "was this folder written by romscale's save_meki?")
     try:
-        manifest = json.loads(file.read_text())
         version, files = manifest["version"], manifest["files"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+    except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{file} is not a valid romscale manifest: {exc}") from exc
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{file}: unknown format version {version!r}; this romscale reads version {FORMAT_VERSION}")
@@ -119,12 +117,7 @@ def _read_config(path: Path):
     cfg_file = path / CONFIG_FILE
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder; expected a MeKi checkpoint folder")
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{cfg_file} is missing; a MeKi checkpoint folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from exc
+    raw = read_json(cfg_file, CheckpointError, f"a MeKi checkpoint folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
     section = raw.get(MEKI_CONFIG_KEY)
     if not isinstance(section, dict):
         raise CheckpointError(f"{cfg_file} has no '{MEKI_CONFIG_KEY}' section: it is not a MeKi checkpoint")

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save
 
 from romscale.errors import CheckpointError
-from romscale.utils.atomic import atomic_write_bytes, atomic_write_json
+from romscale.utils.atomic import atomic_write_bytes, atomic_write_json, read_json
 
 TABLE_FILE = "rom_tables.safetensors"
 MANIFEST_FILE = "rom_manifest.json"
@@ -109,12 +109,7 @@ def write_table(
 
 def read_manifest(bundle_dir: Path) -> dict[str, Any]:
     file = bundle_dir / MANIFEST_FILE
-    if not file.is_file():
-        raise CheckpointError(f"{file} is missing; a romscale bundle holds {MANIFEST_FILE} and {TABLE_FILE}")
-    try:
-        m = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{file} is not valid JSON: {exc}") from exc
+    m = read_json(file, CheckpointError, f"a romscale bundle holds {MANIFEST_FILE} and {TABLE_FILE}")
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not a romscale ROM manifest (format {FORMAT!r} expected)")
     if m.get("version") != VERSION:

@@ -72,3 +72,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json(path: str | os.PathLike, error: type[Exception], hint: str = "") -> Any:
+    """Parse a JSON file; a missing or malformed file raises `error` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path} is missing{'; ' + hint if hint else ''}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON: {exc}") from exc
