@@ -13,6 +13,7 @@ from rich.table import Table
 
 from romscale.adapters.cli import app as adapters_app
 from romscale.errors import RomscaleError
+from romscale.utils.machine import machine_line
 
 app = typer.Typer(help="romscale: trade flash storage for on-device LLM quality.", no_args_is_help=True)
 meki_app = typer.Typer(help="MeKi memory experts: inspect presets, retrofit, fold.", no_args_is_help=True)
@@ -273,7 +274,7 @@ def bench_decode_cmd(
             results.append(bench_decode(cfg, log=console.print))
         except (RomscaleError, ValueError) as exc:
             _fail(exc)
-    table = Table(title=f"batch-1 greedy decode, {preset}, median of {runs} ({_machine_line()})")
+    table = Table(title=f"batch-1 greedy decode, {preset}, median of {runs} ({machine_line()})")
     for col in ("d_mem", "dense tok/s", "MeKi tok/s", "ratio", "ratio (cold each run)", "unfolded tok/s", "table MiB", "resident/touched", "RSS delta / table"):
         table.add_column(col, justify="right")
     for r in results:
@@ -283,17 +284,8 @@ def bench_decode_cmd(
             f"{r['rss_delta_over_table']:.3%}",
         )
     console.print(table)
-    atomic_write_json(json_out, {"command": "romscale " + " ".join(sys.argv[1:]), "machine": _machine_line(), "results": results})
+    atomic_write_json(json_out, {"command": "romscale " + " ".join(sys.argv[1:]), "machine": machine_line(), "results": results})
     console.print(f"wrote {json_out}")
-
-
-def _machine_line() -> str:
-    import os
-    import platform
-
-    import torch
-
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 if __name__ == "__main__":

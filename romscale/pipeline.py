@@ -3,6 +3,7 @@ fold -> check the fold -> generate -> parameter report, results JSON and a loss 
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ from romscale.meki.params import parameter_report
 from romscale.meki.presets import build_model, get_preset
 from romscale.train.data import fetch_shakespeare, make_blocks, read_texts, shakespeare_tokenizer
 from romscale.train.loop import TrainConfig, evaluate_loss, train_lm
-from romscale.utils.atomic import atomic_write_json
+from romscale.utils.atomic import atomic_write_bytes, atomic_write_json
+from romscale.utils.machine import machine_line
 
 
 @dataclass
@@ -96,19 +98,11 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
         },
         "sample": {"prompt": cfg.prompt, "continuation": text},
         "total_seconds": round(time.perf_counter() - t0, 1),
-        "machine": _machine(),
+        "machine": machine_line(),
     }
     atomic_write_json(cfg.out / "results.json", results)
     _plot(runs, cfg.out / "loss.png")
     return results
-
-
-def _machine() -> str:
-    import os
-    import platform
-
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    return f"{platform.machine()} {os.cpu_count()} cores, {dev}, torch {torch.__version__}"
 
 
 def _plot(runs: dict[str, Any], path: Path) -> None:
@@ -116,9 +110,6 @@ def _plot(runs: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from romscale.utils.atomic import atomic_write_bytes
-    import io
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm, r in runs.items():

@@ -11,8 +11,6 @@ residency (mincore) after generating.
 from __future__ import annotations
 
 import json
-import math
-import os
 import statistics
 import subprocess
 import sys
@@ -123,7 +121,7 @@ def memory_probe(cfg: DecodeBenchConfig, arm: str, bundle_dir: Path | None) -> d
 def _probe_in_child(cfg: DecodeBenchConfig, arm: str, bundle_dir: Path) -> dict[str, Any]:
     payload = json.dumps({"cfg": asdict(cfg), "arm": arm, "bundle": str(bundle_dir)})
     proc = subprocess.run(
-        [sys.executable, "-m", "romscale.bench.decode", payload], capture_output=True, text=True, env={**os.environ}
+        [sys.executable, "-m", "romscale.bench.decode", payload], capture_output=True, text=True
     )
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe for {arm} failed:\n{proc.stderr[-3000:]}")
