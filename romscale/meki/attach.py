@@ -61,12 +61,15 @@ class MekiState:
     rows: Any = None
     handles: list[RemovableHandle] = field(default_factory=list)
 
-    def layer_rows(self, slot: int) -> torch.Tensor | None:
-        if self.rows is None:
-            return None
-        if not isinstance(self.rows, torch.Tensor):  # a Future from a background prefetcher
+    def current_rows(self) -> torch.Tensor | None:
+        """All MeKi layers' rows for the current call, ids.shape + (layers, d_mem)."""
+        if self.rows is not None and not isinstance(self.rows, torch.Tensor):  # a prefetcher's Future
             self.rows = self.rows.result()
-        return self.rows[..., slot, :]
+        return self.rows
+
+    def layer_rows(self, slot: int) -> torch.Tensor | None:
+        rows = self.current_rows()
+        return None if rows is None else rows[..., slot, :]
 
 
 def _get(root: nn.Module, path: str) -> Any:

