@@ -258,7 +258,7 @@ def bench_decode_cmd(
     prefetch: bool = typer.Option(False),
     fused: bool = typer.Option(True, help="use the fused FFN + MeKi decode path"),
 ) -> None:
-    """Batch-1 greedy decode: dense vs MeKi bundle (table on storage) vs unfolded training form."""
+    """Batch-1 greedy decode: dense vs MeKi bundle (table on storage) vs unfolded form, plus a fused-dense control."""
     import sys
 
     from romscale.bench.decode import DecodeBenchConfig, bench_decode
@@ -275,13 +275,15 @@ def bench_decode_cmd(
         except (RomscaleError, ValueError) as exc:
             _fail(exc)
     table = Table(title=f"batch-1 greedy decode, {preset}, median of {runs} ({machine_line()})")
-    for col in ("d_mem", "dense tok/s", "MeKi tok/s", "ratio", "ratio (cold each run)", "unfolded tok/s", "table MiB", "resident/touched", "RSS delta / table"):
+    cols = ("d_mem", "dense tok/s", "MeKi tok/s", "ratio", "ratio (cold each run)", "dense fused tok/s", "MeKi / dense fused",
+            "unfolded tok/s", "table MiB", "resident/touched", "RSS delta / table")
+    for col in cols:
         table.add_column(col, justify="right")
     for r in results:
         table.add_row(
             str(r["config"]["d_mem"]), f"{r['dense_tok_s']:.2f}", f"{r['meki_tok_s']:.2f}", f"{r['ratio']:.3f}", f"{r['ratio_cold']:.3f}",
-            f"{r['unfolded_tok_s']:.2f}", f"{r['table_bytes'] / 2**20:.1f}", f"{r['resident_over_touched']:.2f}",
-            f"{r['rss_delta_over_table']:.3%}",
+            f"{r['dense_fused_tok_s']:.2f}", f"{r['ratio_vs_dense_fused']:.3f}", f"{r['unfolded_tok_s']:.2f}",
+            f"{r['table_bytes'] / 2**20:.1f}", f"{r['resident_over_touched']:.2f}", f"{r['rss_delta_over_table']:.3%}",
         )
     console.print(table)
     atomic_write_json(json_out, {"command": "romscale " + " ".join(sys.argv[1:]), "machine": machine_line(), "results": results})

@@ -1,7 +1,9 @@
 """Batch-1 greedy decoding on this machine: (a) the dense model with the same RAM architecture,
-(b) the MeKi deploy bundle with its table on storage (page cache dropped before each run), (c) the
-unfolded training form. Runs are interleaved; medians of >= 5. Random weights: speed does not
-depend on their values.
+(b) the MeKi deploy bundle with its table on storage (page cache dropped before the series, and in
+a second arm before every run), (c) the unfolded training form, and a control: (a) with the same
+fused FFN layout and kernel as (b) but no MeKi, which shows what the layout alone is worth. Runs
+are interleaved in rotating order; medians of >= 5. Random weights: speed does not depend on their
+values.
 
 Memory figures come from separate child processes (one per arm), so neither arm's allocations
 pollute the other's: anonymous RSS after loading and generating, and the table's page-cache
@@ -11,6 +13,7 @@ residency (mincore) after generating.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,7 +28,8 @@ import torch
 from romscale.meki.config import MekiConfig
 from romscale.meki.fold import fold
 from romscale.meki.presets import build_model, get_preset
-from romscale.rom.fused import fuse_meki_ffn
+from romscale.rom.fused import fuse_dense_ffn, fuse_meki_ffn
+from romscale.rom.kernel import ffn_kernel
 from romscale.rom.pagecache import PAGE, drop_file_cache, release_free_memory, rss_anon_bytes
 from romscale.rom.runtime import export_bundle, load_bundle
 from romscale.rom.table import TABLE_FILE
@@ -80,6 +84,21 @@ def _load_bundle(cfg: DecodeBenchConfig, path: Path):
     return bundle
 
 
+def _rehome(model):
+    """Copy every weight into a fresh allocation, in module order. On the reference VM a model as
+    built by transformers and an exact clone of it decoded 3% apart, a bias as large as the effect
+    measured; so every timed arm gets its weights placed the same way."""
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                param.data = param.data.clone()
+            for name, buf in module.named_buffers(recurse=False):
+                if buf is not None:
+                    setattr(module, name, buf.clone())
+    release_free_memory()
+    return model
+
+
 def _touched_bytes(ids: torch.Tensor, row_bytes: int, header: int) -> int:
     """Bytes of whole pages spanned by the rows of the distinct tokens in `ids`."""
     pages: set[int] = set()
@@ -87,6 +106,14 @@ def _touched_bytes(ids: torch.Tensor, row_bytes: int, header: int) -> int:
         start = header + tok * row_bytes
         pages.update(range(start // PAGE, (start + row_bytes - 1) // PAGE + 1))
     return len(pages) * PAGE
+
+
+def _rss_after_generate() -> dict[str, int]:
+    """Anonymous RSS as generation left it, and after returning the heap's free pages to the OS
+    (malloc_trim): the first is what the process holds, the second what is live."""
+    raw = rss_anon_bytes()
+    release_free_memory()
+    return {"rss_anon_bytes": raw, "rss_anon_bytes_trimmed": rss_anon_bytes()}
 
 
 def memory_probe(cfg: DecodeBenchConfig, arm: str, bundle_dir: Path | None) -> dict[str, Any]:
@@ -99,7 +126,7 @@ def memory_probe(cfg: DecodeBenchConfig, arm: str, bundle_dir: Path | None) -> d
         model = _build(cfg, "dense")
         release_free_memory()  # as load_bundle does: compare steady states, not allocator slack
         _generate(model, prompt, cfg.memory_tokens)
-        return {"rss_anon_bytes": rss_anon_bytes()}
+        return _rss_after_generate()
     drop_file_cache(bundle_dir / TABLE_FILE)
     bundle = _load_bundle(cfg, bundle_dir)
     out = _generate(bundle.model, prompt, cfg.memory_tokens)
@@ -111,7 +138,7 @@ def memory_probe(cfg: DecodeBenchConfig, arm: str, bundle_dir: Path | None) -> d
         e = m["tensors"]["scales"]
         touched += _touched_bytes(out, e["row_bytes"], m["header_bytes"] + e["data_offsets"][0])
     return {
-        "rss_anon_bytes": rss_anon_bytes(),
+        **_rss_after_generate(),
         "table_resident_bytes": bundle.table.resident_bytes(),
         "touched_rows_bytes": touched,
         "distinct_tokens": int(torch.unique(out).numel()),
@@ -120,8 +147,13 @@ def memory_probe(cfg: DecodeBenchConfig, arm: str, bundle_dir: Path | None) -> d
 
 def _probe_in_child(cfg: DecodeBenchConfig, arm: str, bundle_dir: Path) -> dict[str, Any]:
     payload = json.dumps({"cfg": asdict(cfg), "arm": arm, "bundle": str(bundle_dir)})
+    # Both arms run with glibc's mmap threshold fixed at its default (128 KiB). Left dynamic, it
+    # rises to the size of the largest block freed so far, so the fused arm (which frees its
+    # pre-fusion weights) kept up to 30 MB more free-but-resident heap from the growing KV cache:
+    # allocator slack, not memory MeKi uses.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     proc = subprocess.run(
-        [sys.executable, "-m", "romscale.bench.decode", payload], capture_output=True, text=True
+        [sys.executable, "-m", "romscale.bench.decode", payload], capture_output=True, text=True, env=env
     )
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe for {arm} failed:\n{proc.stderr[-3000:]}")
@@ -140,13 +172,23 @@ def bench_decode(cfg: DecodeBenchConfig, workdir: Path | None = None, log=print)
         folded = fold(_build(cfg, "meki"))
         export_bundle(folded, bundle_dir, dtype=cfg.table_dtype)
         del folded
-        dense, unfolded = _build(cfg, "dense"), _build(cfg, "meki")
+        dense, unfolded = _rehome(_build(cfg, "dense")), _rehome(_build(cfg, "meki"))
+        dense_fused = _build(cfg, "dense")
+        fuse_dense_ffn(dense_fused)
+        _rehome(dense_fused)
         bundle = _load_bundle(cfg, bundle_dir)
+        _rehome(bundle.model)
         prompt = _prompt(cfg, get_preset(cfg.preset).vocab)
         # "meki": the table's page cache is dropped once before the timed series; "meki_cold":
         # dropped before every one of its runs, so each run reads its rows from storage again.
-        arms = {"dense": dense, "meki": bundle.model, "meki_cold": bundle.model, "unfolded": unfolded}
-        for model in (dense, bundle.model, unfolded):  # warm-up (allocator, first-call paths)
+        arms = {
+            "dense": dense,
+            "meki": bundle.model,
+            "meki_cold": bundle.model,
+            "dense_fused": dense_fused,
+            "unfolded": unfolded,
+        }
+        for model in (dense, bundle.model, dense_fused, unfolded):  # warm-up (allocator, first-call paths)
             _timed(model, prompt, 4)
         drop_file_cache(bundle_dir / TABLE_FILE)
         speeds: dict[str, list[float]] = {k: [] for k in arms}
@@ -162,7 +204,7 @@ def bench_decode(cfg: DecodeBenchConfig, workdir: Path | None = None, log=print)
         table_bytes = bundle.table.table_bytes
         read_per_token = bundle.table.row_bytes
         bundle.close()
-        del arms, dense, unfolded, bundle
+        del arms, dense, dense_fused, unfolded, bundle
         log("memory probes (child processes) ...")
         mem_dense = _probe_in_child(cfg, "dense", bundle_dir)
         mem_meki = _probe_in_child(cfg, "meki", bundle_dir)
@@ -176,11 +218,15 @@ def bench_decode(cfg: DecodeBenchConfig, workdir: Path | None = None, log=print)
         "meki_tok_s": med["meki"],
         "unfolded_tok_s": med["unfolded"],
         "meki_cold_tok_s": med["meki_cold"],
+        "dense_fused_tok_s": med["dense_fused"],
         "ratio": med["meki"] / med["dense"],
         "ratio_cold": med["meki_cold"] / med["dense"],
         # Median over runs of (MeKi / dense) in the same run round: robust to slow machine drift.
         "ratio_paired_median": statistics.median(m / d for m, d in zip(speeds["meki"], speeds["dense"])),
         "unfolded_ratio": med["unfolded"] / med["dense"],
+        # MeKi against the control with the same fused FFN layout and kernel: the branch's own cost.
+        "ratio_vs_dense_fused": med["meki"] / med["dense_fused"],
+        "fused_kernel": ffn_kernel() is not None,
         "table_bytes": table_bytes,
         "read_bytes_per_token": read_per_token,
         "touched_rows_bytes": touched,
@@ -189,6 +235,7 @@ def bench_decode(cfg: DecodeBenchConfig, workdir: Path | None = None, log=print)
         "distinct_tokens": mem_meki["distinct_tokens"],
         "rss_delta_bytes": mem_meki["rss_anon_bytes"] - mem_dense["rss_anon_bytes"],
         "rss_delta_over_table": (mem_meki["rss_anon_bytes"] - mem_dense["rss_anon_bytes"]) / table_bytes,
+        "rss_delta_trimmed_bytes": mem_meki["rss_anon_bytes_trimmed"] - mem_dense["rss_anon_bytes_trimmed"],
         "speeds_tok_s": speeds,
         "memory_tokens": cfg.memory_tokens,
         "threads": torch.get_num_threads(),

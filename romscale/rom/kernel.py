@@ -34,16 +34,16 @@ class FfnParams(ctypes.Structure):
     _fields_ = [
         ("ffn", ctypes.c_int64),
         ("d_mem", ctypes.c_int64),
+        ("d_model", ctypes.c_int64),
         ("o_stride", ctypes.c_int64),
         ("e_stride", ctypes.c_int64),
-        ("out_stride", ctypes.c_int64),
-        ("r_rows", ctypes.c_int64),
-        ("eps_term", ctypes.c_float),
+        ("eps", ctypes.c_float),
         ("fusion", ctypes.c_int32),
     ]
 
 
-FfnKernel = Callable[[int, int, int, int, int, int], None]  # (params*, o, e, r, out, n)
+FfnKernel = Callable[..., None]  # (params*, o, e, w_out, w_post, h_out, y_out, n): see kernels/ffn_mid.c
+MAX_D_MEM = 8192  # the kernel keeps v on the stack
 
 
 def _build(compiler: str, out: Path) -> None:
@@ -77,6 +77,6 @@ def ffn_kernel() -> FfnKernel | None:
         warnings.warn(f"romscale: could not build the fused FFN kernel with {compiler} ({detail}); using eager PyTorch")
         return None
     ptr = ctypes.c_void_p
-    fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_int64]
+    fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int64]
     fn.restype = None
     return fn

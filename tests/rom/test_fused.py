@@ -1,0 +1,122 @@
+"""The fused decode FFN: its C kernel and its eager fallback give the hook path's numbers."""
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import randomize_meki, tiny_base
+from romscale.errors import RomscaleError
+from romscale.meki.attach import attach_meki, meki_branches
+from romscale.meki.config import MekiConfig
+from romscale.meki.fold import fold
+from romscale.rom import kernel as kernel_mod
+from romscale.rom.fused import FusedMekiMLP, fuse_dense_ffn, fuse_meki_ffn
+from romscale.rom.runtime import export_bundle, load_bundle
+
+FUSIONS = ["add_sigmoid", "mul_sigmoid", "add_silu", "mul_silu"]
+needs_kernel = pytest.mark.skipif(kernel_mod.ffn_kernel() is None, reason="no C compiler on this machine")
+
+
+def _bundle(tmp_path, fusion="add_sigmoid", zero_post=False, d_mem=8):
+    model = tiny_base("llama")
+    attach_meki(model, MekiConfig(d_mem=d_mem, fusion=fusion))
+    randomize_meki(model)
+    if zero_post:  # a post-norm weight with zeros: |W_out v| cannot be read back from W_cat
+        with torch.no_grad():
+            for _, b in meki_branches(model):
+                b.post_norm.weight[::3] = 0.0
+    return export_bundle(fold(model), tmp_path / f"b-{fusion}-{zero_post}", dtype="fp16")
+
+
+def _fused(path, kernel: bool):
+    b = load_bundle(path)
+    assert fuse_meki_ffn(b.model) == 2
+    mods = [m for m in b.model.modules() if isinstance(m, FusedMekiMLP)]
+    for m in mods:
+        if not kernel:
+            m.kernel = None
+    return b, mods
+
+
+@needs_kernel
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("zero_post", [False, True])
+def test_kernel_and_eager_match_the_hook_path(tmp_path, ids, fusion, zero_post):
+    path = _bundle(tmp_path, fusion, zero_post)
+    ref = load_bundle(path)
+    (with_kernel, mods), (eager, _) = _fused(path, True), _fused(path, False)
+    assert all(m.kernel is not None for m in mods)
+    with torch.no_grad():
+        want = ref.model(ids).logits
+        for b in (with_kernel, eager):
+            assert (b.model(ids).logits - want).abs().max() <= 1e-5  # prefill: several tokens
+            assert (b.model(ids[:1, :1]).logits - want[:1, :1]).abs().max() <= 1e-5  # one token
+
+
+@needs_kernel
+def test_kernel_is_exact_on_extreme_gate_logits(tmp_path):
+    """-ffast-math must not break the saturated ends of sigmoid/SiLU."""
+    (kb, kmods), (eb, emods) = _fused(_bundle(tmp_path, "mul_silu"), True), _fused(_bundle(tmp_path, "mul_silu"), False)
+    for km, em in zip(kmods, emods):
+        km.w_in[-8:].mul_(400.0), em.w_in[-8:].mul_(400.0)  # gate logits in the hundreds, both signs
+    x = torch.randint(3, 96, (1, 6))
+    with torch.no_grad():
+        got, want = kb.model(x).logits, eb.model(x).logits
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max() <= 1e-4
+
+
+@needs_kernel
+def test_fused_dense_ffn_keeps_the_logits(ids):
+    base = tiny_base("qwen3")
+    fused = tiny_base("qwen3")
+    assert fuse_dense_ffn(fused) == 2
+    with torch.no_grad():
+        assert (fused(ids).logits - base(ids).logits).abs().max() <= 1e-5
+
+
+def test_fusing_drops_the_branch_projections(tmp_path):
+    b, mods = _fused(_bundle(tmp_path, d_mem=16), True)
+    assert all(br.gate is None and br.out is None for _, br in meki_branches(b.model))
+    m = mods[0]
+    assert m.w_in.shape == (2 * 64 + 16, 32) and m.w_down.shape == (32, 64) and m.w_out.shape == (32, 16)
+
+
+def test_fused_path_is_inference_only(tmp_path):
+    b, _ = _fused(_bundle(tmp_path), True)
+    emb = b.model.get_input_embeddings()
+    emb.weight.requires_grad_(True)
+    with pytest.raises(RomscaleError, match="inference-only"):
+        b.model(torch.tensor([[5, 6]]))
+
+
+def test_missing_compiler_falls_back_to_eager(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROMSCALE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(kernel_mod.shutil, "which", lambda name: None)
+    kernel_mod.ffn_kernel.cache_clear()
+    try:
+        assert kernel_mod.ffn_kernel() is None
+        monkeypatch.setenv("ROMSCALE_NO_KERNEL", "1")
+        kernel_mod.ffn_kernel.cache_clear()
+        assert kernel_mod.ffn_kernel() is None
+    finally:
+        kernel_mod.ffn_kernel.cache_clear()
+
+
+def test_failed_build_warns_and_leaves_no_library(tmp_path, monkeypatch):
+    bad_cc = tmp_path / "bad-cc"
+    bad_cc.write_text("#!/bin/sh\necho 'cc: broken on purpose' >&2\nexit 1\n")
+    bad_cc.chmod(0o755)
+    monkeypatch.setenv("ROMSCALE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(bad_cc))
+    kernel_mod.ffn_kernel.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert kernel_mod.ffn_kernel() is None
+        assert any("broken on purpose" in str(w.message) for w in caught)
+        assert not list((tmp_path / "cache" / "kernels").glob("*"))  # no half-written library
+    finally:
+        kernel_mod.ffn_kernel.cache_clear()
