@@ -1,10 +1,8 @@
 """`romscale export | verify | generate` end to end on a tiny model with a real tokenizer."""
 
-import torch
 from typer.testing import CliRunner
 
 from romscale.cli import app
-from romscale.meki.attach import attach_meki
 from romscale.meki.config import MekiConfig
 from romscale.meki.io import save_meki
 from romscale.meki.presets import build_model

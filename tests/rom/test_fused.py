@@ -22,7 +22,7 @@ def _bundle(tmp_path, fusion="add_sigmoid", zero_post=False, d_mem=8):
     model = tiny_base("llama")
     attach_meki(model, MekiConfig(d_mem=d_mem, fusion=fusion))
     randomize_meki(model)
-    if zero_post:  # a post-norm weight with zeros: |W_out v| cannot be read back from W_cat
+    if zero_post:  # a post-norm weight with zeros (some output channels switched off)
         with torch.no_grad():
             for _, b in meki_branches(model):
                 b.post_norm.weight[::3] = 0.0
