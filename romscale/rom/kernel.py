@@ -46,6 +46,16 @@ FfnKernel = Callable[..., None]  # (params*, o, e, w_out, w_post, h_out, y_out, 
 MAX_D_MEM = 8192  # the kernel keeps v on the stack
 
 
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def _build(compiler: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
@@ -66,7 +76,9 @@ def ffn_kernel() -> FfnKernel | None:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, platform.machine()]).encode()).hexdigest()[:16]
+    # -march=native: key the library by the CPU's feature flags too, so a cache folder shared between
+    # machines never hands one a library with instructions it lacks.
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
     lib_path = cache_dir() / "kernels" / f"ffn_mid-{key}.so"
     try:
         if not lib_path.exists():
