@@ -56,7 +56,7 @@ class FusedMekiMLP(nn.Module):
         self.ffn_dim, self.d_model, self.d_mem = f, d, m
         self.act = mlp.act_fn
         self.act_fn = F.silu if _is_silu(self.act) else self.act  # skip a module call per layer
-        self.state = state
+        self.state, self.mem_layers = state, mem_layers
         parts = [gate, up] + ([branch.gate.weight.detach()] if branch is not None else [])
         with torch.no_grad():
             self.register_buffer("w_in", torch.cat(parts), persistent=False)
@@ -80,8 +80,11 @@ class FusedMekiMLP(nn.Module):
         rows = self.state.current_rows()
         if rows is None:
             raise RomscaleError("this MeKi model reads its table from storage, but no ROM table is connected")
-        if rows.shape[:-2] != lead:
-            raise RomscaleError(f"MeKi rows for token ids of shape {tuple(rows.shape[:-2])} but hidden states {tuple(lead)}")
+        if rows.shape != (*lead, self.mem_layers, self.d_mem):  # the kernel reads by these strides
+            raise RomscaleError(
+                f"MeKi rows of shape {tuple(rows.shape)} for hidden states {tuple(lead)}: expected "
+                f"{(*lead, self.mem_layers, self.d_mem)}"
+            )
         return rows
 
     def _project_in(self, x: torch.Tensor) -> torch.Tensor:

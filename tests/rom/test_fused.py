@@ -120,3 +120,12 @@ def test_failed_build_warns_and_leaves_no_library(tmp_path, monkeypatch):
         assert not list((tmp_path / "cache" / "kernels").glob("*"))  # no half-written library
     finally:
         kernel_mod.ffn_kernel.cache_clear()
+
+
+def test_rows_of_the_wrong_shape_are_refused_before_the_kernel_reads_them(tmp_path):
+    b, _ = _fused(_bundle(tmp_path), True)
+    from romscale.meki.attach import meki_state
+
+    meki_state(b.model).row_source = lambda ids: torch.zeros(*ids.shape, 1, 8)  # one layer, not two
+    with torch.no_grad(), pytest.raises(RomscaleError, match="expected"):
+        b.model(torch.tensor([[5, 6]]))
