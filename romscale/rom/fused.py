@@ -90,8 +90,8 @@ class FusedMekiMLP(nn.Module):
     def _project_in(self, x: torch.Tensor) -> torch.Tensor:
         # One token (a decode step): one matrix-vector product over the concatenated weight. Several
         # (prefill): the BLAS packs the weight for a matrix-matrix product and keeps the packing
-        # buffer, sized by the largest weight it has seen (measured +3 MB resident at d_mem 256 for
-        # the concatenation), so split over views it stays the dense model's size.
+        # buffer, sized by the largest weight it has seen (it showed in the memory probe at d_mem
+        # 256), so split over views it stays the dense model's size.
         if x.numel() == x.shape[-1]:
             return F.linear(x, self.w_in)
         f = self.ffn_dim

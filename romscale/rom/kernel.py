@@ -1,7 +1,7 @@
 """Build (once per machine) and load the C kernel for the middle of a fused decode-time FFN layer.
 
-Why a hand-built kernel: see kernels/ffn_mid.c. torch.compile would need the same compiler plus
-minutes of warm-up per model; this needs `cc` and well under a second, once per machine.
+Why a hand-built kernel: see kernels/ffn_mid.c. torch.compile (Inductor) would need the same
+compiler plus a compile step per model and shape; this needs `cc` and under a second, once per machine.
 
 If no compiler is found, or ROMSCALE_NO_KERNEL=1, `ffn_kernel()` returns None and the fused module
 runs the same algebra in eager PyTorch (tests check both give the same numbers).

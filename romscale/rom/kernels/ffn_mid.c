@@ -7,11 +7,12 @@
    row for this layer. The caller then runs down(h) with y as the bias. With d_mem = 0 (an FFN
    without MeKi) only h is computed.
 
-   Why C: at batch 1 on a small CPU each eager PyTorch op between the large matmuls cost 10-30 us in
-   place (measured: the weights streaming by evict the interpreter's working set), so the MeKi
-   branch's ~8 small ops cost more than its arithmetic and bytes together. One call does them all.
+   Why C: at batch 1 on a small CPU, eager PyTorch ops between the large matmuls cost far more in
+   place than in a micro-benchmark (the weights streaming by evict the interpreter's working set):
+   with the same fused layout, eager ops took ~70 us per layer more than this kernel
+   (results/decode_profile_cpu.json), more than the branch's arithmetic and bytes together.
    W_out is read row by row, contiguously: a layout that spread it over many pages (as columns of a
-   concatenated down matrix) cost ~30 us more per layer in TLB misses on a VM. Plain C with no torch
+   concatenated down matrix) was slower again, from TLB misses on a VM. Plain C with no torch
    headers: it builds in well under a second and is loaded with ctypes (romscale/rom/kernel.py). */
 #include <math.h>
 #include <stdint.h>
