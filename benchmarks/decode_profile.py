@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from romscale.bench.decode import DecodeBenchConfig, _build, _generate, _prompt, _rehome
+from romscale.bench.decode import DecodeBenchConfig, _build, _generate, _prompt, rehome_weights
 from romscale.meki.fold import fold
 from romscale.meki.presets import get_preset
 from romscale.rom.fused import FusedMekiMLP, fuse_meki_ffn
@@ -63,7 +63,7 @@ def main() -> None:
     console = Console()
     with tempfile.TemporaryDirectory(prefix="romscale-profile-") as tmp:
         path = export_bundle(fold(_build(cfg, "meki")), Path(tmp) / "bundle")
-        arms = {"dense": _rehome(_build(cfg, "dense"))}
+        arms = {"dense": rehome_weights(_build(cfg, "dense"))}
         for form in ("kernel", "fused_eager", "hooks"):
             model = load_bundle(path).model
             if form != "hooks":
@@ -72,7 +72,7 @@ def main() -> None:
                 for m in model.modules():
                     if isinstance(m, FusedMekiMLP):
                         m.kernel = None
-            arms[f"meki_{form}"] = _rehome(model)
+            arms[f"meki_{form}"] = rehome_weights(model)
         timers = {name: PartTimer(model) for name, model in arms.items()}
         prompt = _prompt(cfg, get_preset(cfg.preset).vocab)
         for model in arms.values():

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from romscale.bench.decode import DecodeBenchConfig, _build, _generate, _prompt, _rehome
+from romscale.bench.decode import DecodeBenchConfig, _build, _generate, _prompt, rehome_weights
 from romscale.meki.presets import get_preset
 from romscale.utils.atomic import atomic_write_json
 from romscale.utils.machine import machine_line
@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = DecodeBenchConfig(new_tokens=args.new_tokens)
     built = _build(cfg, "dense")
-    arms = {"as_built": built, "copy_a": _rehome(copy.deepcopy(built)), "copy_b": _rehome(copy.deepcopy(built))}
+    arms = {"as_built": built, "copy_a": rehome_weights(copy.deepcopy(built)), "copy_b": rehome_weights(copy.deepcopy(built))}
     prompt = _prompt(cfg, get_preset(cfg.preset).vocab)
     for model in arms.values():
         _generate(model, prompt, 4)

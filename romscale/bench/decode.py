@@ -84,7 +84,7 @@ def _load_bundle(cfg: DecodeBenchConfig, path: Path):
     return bundle
 
 
-def _rehome(model):
+def rehome_weights(model):
     """Copy every weight into a fresh allocation, in module order. On the reference VM exact copies
     of one model decoded up to 4% apart (benchmarks/placement_bias.py): where the weights land in
     memory matters as much as the effect measured. The benchmark re-places every arm before each
@@ -196,7 +196,7 @@ def bench_decode(cfg: DecodeBenchConfig, workdir: Path | None = None, log=print)
             # Rotate the order every run: on a shared VM, the first run after a model switch was
             # measurably slower, and a fixed order would charge that to one arm.
             for name in names[r % len(names) :] + names[: r % len(names)]:
-                _rehome(arms[name])
+                rehome_weights(arms[name])
                 if name == "meki_cold":
                     drop_file_cache(bundle_dir / TABLE_FILE)
                 speeds[name].append(_timed(arms[name], prompt, cfg.new_tokens))

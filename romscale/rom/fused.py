@@ -54,8 +54,7 @@ class FusedMekiMLP(nn.Module):
         f, d = gate.shape[0], down.shape[0]
         m = branch.cfg.d_mem if branch is not None else 0
         self.ffn_dim, self.d_model, self.d_mem = f, d, m
-        self.act = mlp.act_fn
-        self.act_fn = F.silu if _is_silu(self.act) else self.act  # skip a module call per layer
+        self.act_fn = F.silu if _is_silu(mlp.act_fn) else mlp.act_fn  # skip a module call per layer
         self.state, self.mem_layers = state, mem_layers
         parts = [gate, up] + ([branch.gate.weight.detach()] if branch is not None else [])
         with torch.no_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import mmap
 import os
 from pathlib import Path
@@ -52,8 +53,15 @@ def release_free_memory() -> None:
     glibc raises its mmap threshold after large frees, so load-time copies can stay in the heap and
     count as resident memory though nothing uses them. No-op where malloc_trim does not exist.
     """
-    name = ctypes.util.find_library("c")
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    # find_library runs ldconfig (or a compiler) in a subprocess: resolve once, not on every call.
     try:
-        ctypes.CDLL(name).malloc_trim(0)
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None
