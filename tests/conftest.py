@@ -51,3 +51,188 @@ def family(request) -> str:
 @pytest.fixture
 def ids() -> torch.Tensor:
     return torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def resign(folder) -> None:
+    """Rewrite a romscale folder's manifest entries after a test edited its files: a tampered but
+    self-consistent folder, to reach the checks behind the checksums."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    mpath = folder / "romscale_manifest.json"
+    m = json.loads(mpath.read_text())
+    for name in m["files"]:
+        data = (folder / name).read_bytes()
+        m["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    mpath.write_text(json.dumps(m))
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.exit_code, self.stdout, self.stderr = code, out, err
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def __repr__(self) -> str:
+        return f"CliResult(exit_code={self.exit_code}, stdout={self.stdout[-2000:]!r}, stderr={self.stderr[-2000:]!r})"
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `romscale ARGS...` in-process under the real error contract (romscale.cli_common.main)."""
+
+    def run(*args) -> CliResult:
+        from romscale.cli import app
+        from romscale.cli_common import main
+
+        capsys.readouterr()
+        try:
+            main(app, [str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    return run
+
+
+def assert_usage_error(r: CliResult, *needles: str) -> None:
+    """Exit code 2, one `error:` line on stderr naming what was wrong, no traceback."""
+    assert r.exit_code == 2, r
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r
+    assert "Traceback" not in r.output, r
+    for n in needles:
+        assert n in lines[0], (n, r)
+
+
+# ==== adapter fixtures (tests/adapters) ================================================================
+# A tiny random Llama (hidden 64, k/v 32 wide: non-square modules) and real PEFT LoRA folders saved
+# from it. The helpers are handed out as fixtures (factories), so no test module imports another.
+# CLI tests use the `cli` fixture and assert_usage_error above (`cli("adapters", "merge", ...)`).
+import hashlib  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ADAPTER_BASE_NAME = "tiny/llama-64"
+ADAPTER_VOCAB = 128
+QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _tiny_llama(seed: int = 0, hidden: int = 64):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=ADAPTER_VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _make_lora(
+    out: Path,
+    seed: int,
+    *,
+    r: int = 4,
+    alpha: float = 8,
+    targets=QKVO,
+    use_rslora: bool = False,
+    rank_pattern: dict | None = None,
+    alpha_pattern: dict | None = None,
+    base_name: str | None = ADAPTER_BASE_NAME,
+    hidden: int = 64,
+    shared_A: dict | None = None,
+    std: float = 0.2,
+    levels: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Save a real PEFT LoRA folder with random A and B (B non-zero so the update is non-trivial).
+    `shared_A`: module -> tensor used as lora_A (tasks that truly share A). `levels`: values are
+    integers in [-levels, levels] / 8, so magnitudes tie everywhere (in A, B and B @ A, exactly)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _tiny_llama(0, hidden)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=use_rslora,
+                     rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, lora_dropout=0.0)
+    pm = get_peft_model(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                if levels is None:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+                else:
+                    p.copy_(torch.randint(-levels, levels + 1, p.shape, generator=g).float() / 8)
+        if shared_A is not None:
+            for name, mod in pm.named_modules():
+                key = name.removeprefix("base_model.model.")
+                if key in shared_A and hasattr(mod, "lora_A"):
+                    mod.lora_A["default"].weight.copy_(shared_A[key])
+    pm.to(dtype).save_pretrained(str(out))
+    cfg_path = out / "adapter_config.json"
+    d = json.loads(cfg_path.read_text())
+    d["base_model_name_or_path"] = base_name
+    cfg_path.write_text(json.dumps(d, indent=2))
+    return out
+
+
+def _tree_hash(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return _tiny_llama
+
+
+@pytest.fixture(scope="session")
+def make_lora():
+    return _make_lora
+
+
+@pytest.fixture(scope="session")
+def tree_hash():
+    return _tree_hash
+
+
+@pytest.fixture(scope="session")
+def lib4(tmp_path_factory) -> list[Path]:
+    """Four rank-4 fp32 adapters on q/k/v/o (same rank, no rsLoRA)."""
+    root = tmp_path_factory.mktemp("lib4")
+    return [_make_lora(root / f"task{i}", seed=100 + i, alpha=4 + 2 * i) for i in range(4)]
+
+
+@pytest.fixture(scope="session")
+def lib_fp16_ties(tmp_path_factory) -> list[Path]:
+    """Four rank-4 fp16 adapters on q/k/v/o whose factors (and updates) have many exactly tied
+    magnitudes; alphas give power-of-two scalings, so every update is exact in fp32: the parity library."""
+    root = tmp_path_factory.mktemp("lib_fp16_ties")
+    return [_make_lora(root / f"tie{i}", seed=600 + i, alpha=2 ** (i + 1), levels=3, dtype=torch.float16) for i in range(4)]
+
+
+@pytest.fixture(scope="session")
+def lib_mixed(tmp_path_factory) -> list[Path]:
+    """Three adapters with different ranks, alphas, rsLoRA and a rank_pattern."""
+    root = tmp_path_factory.mktemp("libmixed")
+    return [
+        _make_lora(root / "a", seed=1, r=4, alpha=8),
+        _make_lora(root / "b", seed=2, r=8, alpha=4, use_rslora=True),
+        _make_lora(root / "c", seed=3, r=6, alpha=12, rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 3}),
+    ]
+
+
+@pytest.fixture
+def tok_ids() -> torch.Tensor:
+    return torch.randint(0, ADAPTER_VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))

@@ -1,10 +1,10 @@
 """Adapter libraries under a storage budget: PEFT I/O, merges, HydraOpt.
 
     bank = AdapterBank.load(["a/", "b/", "c/"])               # checked to fit together
-    merged = merge_adapters(bank, "ties", MergeOptions(density=0.5))
-    write_peft_adapter(merged.adapter, "merged/")              # loads with PeftModel.from_pretrained
-    bundle = fit_hydraopt(bank, HydraOptConfig(storage=0.5))   # shared factors + task map
-    bundle.save("lib.hydra/"); bundle.export_task("a", "a_small/")
+    merged = merge_adapters(bank, "ties", MergeOptions(density=0.5))   # in the inputs' dtype
+    write_peft_adapter(merged.adapter, "merged/", inputs=bank.sources)  # loads with PeftModel.from_pretrained
+    bundle = fit_hydraopt(bank, HydraOptConfig(storage=0.5))   # half the library's bytes
+    bundle.save("lib.hydra/"); bundle.export_task("a", "a_small/"); bundle.export_all("tasks/")
 
 Names are imported lazily so that `romscale --help` does not pay for importing peft.
 """
@@ -34,6 +34,7 @@ _EXPORTS = {
     "reconstruction_report": "report",
     "StorageReport": "storage",
     "collect_input_factors": "activations",
+    "model_order": "order",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -3,6 +3,7 @@
 Checks: same base model (by name, unless allowed otherwise, and always by shapes), the same set of
 adapted modules, the same layer orientation. Ranks and alphas may differ per adapter and per module
 (rank_pattern / alpha_pattern, rsLoRA): each module's scaling is resolved exactly as PEFT does.
+Modules are kept in the model's order (see order.py): the order PEFT draws DARE masks in.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from tqdm.auto import tqdm
 
 from romscale.errors import AdapterError
 from romscale.adapters.factors import ModuleStack
-from romscale.adapters.peft_io import LoraAdapter, natural_key, read_peft_adapter, write_peft_adapter
-from romscale.adapters.storage import StorageReport
+from romscale.adapters.order import check_order, default_order, natural_key
+from romscale.adapters.peft_io import LoraAdapter, read_peft_adapter, write_peft_adapter
+from romscale.adapters.storage import StorageReport, common_dtype, dtype_name
 
 # Config keys that describe one adapter, not the injection spec a derived adapter should copy.
 _PER_ADAPTER_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "peft_version")
@@ -35,9 +37,11 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
 
 
 class AdapterBank:
-    """Validated collection of LoRA adapters. Modules are kept in natural order (layers.2 < layers.10)."""
+    """Validated collection of LoRA adapters. Modules are in the model's order: `module_order`
+    (e.g. order.model_order(base_model, ...)) or, by default, transformers' declaration order."""
 
-    def __init__(self, adapters: Sequence[LoraAdapter], *, allow_base_mismatch: bool = False) -> None:
+    def __init__(self, adapters: Sequence[LoraAdapter], *, allow_base_mismatch: bool = False,
+                 module_order: Sequence[str] | None = None) -> None:
         if not adapters:
             raise AdapterError("an adapter bank needs at least one adapter")
         names = [a.name for a in adapters]
@@ -48,7 +52,7 @@ class AdapterBank:
         self._storage: StorageReport | None = None
         self._check(allow_base_mismatch)
         ref = self.adapters[0]
-        self.modules: list[str] = sorted(ref.modules, key=natural_key)
+        self.modules: list[str] = check_order(module_order, ref.modules) if module_order is not None else default_order(ref.modules)
         self.shapes: dict[str, tuple[int, int]] = {m: (ref.modules[m].d_out, ref.modules[m].d_in) for m in self.modules}
 
     # -- construction -------------------------------------------------------------------------
@@ -59,6 +63,7 @@ class AdapterBank:
         names: Sequence[str] | None = None,
         *,
         allow_base_mismatch: bool = False,
+        module_order: Sequence[str] | None = None,
         progress: bool = False,
     ) -> "AdapterBank":
         """Load PEFT LoRA folders. `names` default to the folder names (made unique if they collide)."""
@@ -67,7 +72,7 @@ class AdapterBank:
             raise AdapterError(f"got {len(names)} names for {len(paths)} adapter folders")
         names = list(names) if names is not None else _unique_names(paths)
         adapters = [read_peft_adapter(p, n) for p, n in tqdm(list(zip(paths, names)), desc="load adapters", disable=not progress)]
-        return cls(adapters, allow_base_mismatch=allow_base_mismatch)
+        return cls(adapters, allow_base_mismatch=allow_base_mismatch, module_order=module_order)
 
     def _check(self, allow_base_mismatch: bool) -> None:
         ref = self.adapters[0]
@@ -115,6 +120,11 @@ class AdapterBank:
     @property
     def sources(self) -> list[Path]:
         return [a.source for a in self.adapters if a.source is not None]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The inputs' dtype (float32 where they mix): what outputs are written in by default."""
+        return common_dtype(getattr(torch, name) for name in self.storage().total.by_dtype)
 
     @property
     def base_model(self) -> str | None:
@@ -180,12 +190,15 @@ class AdapterBank:
         return {
             "n_adapters": self.n,
             "base_model_name_or_path": self.base_model,
+            "dtype": dtype_name(self.dtype),
+            "module_order": self.modules,
             "modules": {m: {"d_out": s[0], "d_in": s[1], "ranks": self.ranks(m)} for m, s in self.shapes.items()},
             "adapters": per,
             "library_storage": self.storage().to_dict(),
         }
 
     def write_adapter(self, name: str, out: str | os.PathLike, *, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
-        """Write adapter `name` back as a PEFT folder (original config, factors in `dtype` or as loaded)."""
+        """Write adapter `name` back as a PEFT folder (original config, factors in `dtype` or as loaded);
+        every adapter of the bank is an input the output may not touch."""
         a = self.adapters[self.index(name)]
-        return write_peft_adapter(a, out, dtype=dtype, overwrite=overwrite, protect=self.sources)
+        return write_peft_adapter(a, out, dtype=dtype, overwrite=overwrite, inputs=self.sources)

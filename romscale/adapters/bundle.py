@@ -1,35 +1,43 @@
-"""HydraOpt bundle: shared factors + task map, saved as one safetensors file and one JSON file.
+"""HydraOpt bundle: shared factors + task map, a romscale output folder of kind "hydraopt-bundle".
 
-    <bundle>/hydraopt.json         format, version, tasks, per-module shapes and task map,
-                                   storage accounting, fit report, sha256 of the factors file
-    <bundle>/factors.safetensors   "<module>::A" (K_A, rho, d_in) and "<module>::B" (K_B, d_out, rho)
+    <bundle>/factors.safetensors      "<module>::A" (K_A, rho, d_in) and "<module>::B" (K_B, d_out, rho)
+    <bundle>/romscale_manifest.json   kind, the exact file list (bytes, sha256) and, under
+                                      "hydraopt": tasks, per-module shapes and task map, storage
+                                      (params and bytes), PEFT config template, fit report
 
 Task t at module m uses A[a_group[t]] and B[b_group[t]] with scaling 1. The reader checks the
-checksum, every key, shape, dtype, group index and finiteness before trusting the data.
+manifest first (exact file list, sizes, sha256), then every key, shape and dtype of the factors
+file against it before allocating, then group indices and finiteness.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import safetensors.torch
 import torch
 
+from romscale.adapters.peft_io import LoraAdapter, adapter_from_factors, read_safetensors, safetensors_header, write_adapter_files, write_peft_adapter
+from romscale.adapters.storage import StorageReport, dtype_name
 from romscale.errors import AdapterError
-from romscale.adapters.peft_io import LoraAdapter, adapter_from_factors, check_output_path, natural_key, write_peft_adapter
-from romscale.adapters.storage import StorageReport
-from romscale.utils.atomic import atomic_dir
+from romscale.utils.outputs import output_dir, read_manifest
 
-FORMAT = "romscale.hydraopt"
-VERSION = 1
-MANIFEST = "hydraopt.json"
+BUNDLE_KIND = "hydraopt-bundle"
+SET_KIND = "peft-adapter-set"  # a folder of PEFT adapters, one per task
+VERSION = 1  # of the "hydraopt" section
 FACTORS = "factors.safetensors"
+_ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+def check_task_name(name: Any, where: str) -> str:
+    """Task names become folder names on export: plain names only."""
+    if not isinstance(name, str) or not name or name in (".", "..") or len(name) > 255 or any(c in name for c in "/\\\x00"):
+        raise AdapterError(f"{where}: task name {name!r} is not a plain folder name")
+    return name
 
 
 @dataclass
@@ -47,29 +55,30 @@ class ModuleFactors:
 @dataclass
 class HydraBundle:
     tasks: list[str]
-    modules: dict[str, ModuleFactors]
+    modules: dict[str, ModuleFactors]  # in the bank's (model) module order
     template_config: dict[str, Any]
     library_params: int
     library_bytes: int
     fit: dict[str, Any]
+    library_dtype: str = "float32"
     source: Path | None = None
 
     # -- accounting --------------------------------------------------------------------------------
     def storage(self) -> StorageReport:
         return StorageReport.from_tensors((m, t) for m, f in self.modules.items() for t in (f.A, f.B))
 
+    def library(self) -> dict[str, Any]:
+        return {"params": self.library_params, "bytes": self.library_bytes, "dtype": self.library_dtype}
+
     def summary(self) -> dict[str, Any]:
         st = self.storage()
-        ka = sorted({int(f.A.shape[0]) for f in self.modules.values()})
-        kb = sorted({int(f.B.shape[0]) for f in self.modules.values()})
         return {
             "tasks": self.tasks,
-            "k_a": ka,
-            "k_b": kb,
+            "k_a": sorted({int(f.A.shape[0]) for f in self.modules.values()}),
+            "k_b": sorted({int(f.B.shape[0]) for f in self.modules.values()}),
             "ranks": sorted({f.rank for f in self.modules.values()}),
             "storage": st.to_dict(per_module=False),
-            "library_params": self.library_params,
-            "library_bytes": self.library_bytes,
+            "library_storage": self.library(),
             "storage_fraction_params": st.params / self.library_params,
             "storage_fraction_bytes": st.bytes / self.library_bytes,
             "objective": self.fit.get("objective"),
@@ -88,13 +97,27 @@ class HydraBundle:
         return {m: (f.A[int(f.a_group[t])], f.B[int(f.b_group[t])]) for m, f in self.modules.items()}
 
     def task_adapter(self, task: str) -> LoraAdapter:
-        """Task `task` as a standard PEFT LoRA adapter (rank rho, scaling 1)."""
+        """Task `task` as a standard PEFT LoRA adapter (rank rho, scaling 1, the factors' dtype)."""
         factors = {m: (A.contiguous(), B.contiguous()) for m, (A, B) in self.task_factors(task).items()}
         return adapter_from_factors(task, self.template_config, factors)
 
-    def export_task(self, task: str, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        protect = [self.source] if self.source else []
-        return write_peft_adapter(self.task_adapter(task), out, overwrite=overwrite, protect=protect)
+    def _inputs(self, inputs: Iterable[str | os.PathLike]) -> list:
+        return [*inputs, *([self.source] if self.source is not None else [])]
+
+    def export_task(self, task: str, out: str | os.PathLike, *, overwrite: bool = False,
+                    inputs: Iterable[str | os.PathLike] = (), what: str = "output") -> Path:
+        """Write one task as a PEFT adapter folder (never over or into the bundle or `inputs`)."""
+        return write_peft_adapter(self.task_adapter(task), out, overwrite=overwrite, inputs=self._inputs(inputs), what=what)
+
+    def export_all(self, out: str | os.PathLike, *, overwrite: bool = False,
+                   inputs: Iterable[str | os.PathLike] = (), what: str = "output") -> Path:
+        """Write every task as a PEFT adapter folder `out/<task>/`: one output of kind
+        "peft-adapter-set", written (and replaced) as a whole."""
+        with output_dir(out, kind=SET_KIND, inputs=self._inputs(inputs), overwrite=overwrite, what=what) as o:
+            for task in self.tasks:
+                st = write_adapter_files(self.task_adapter(task), o.path / check_task_name(task, "bundle"))
+                o.meta.setdefault("adapters", {})[task] = {"storage": st.to_dict(per_module=False)}
+        return o.target
 
     def load_into(self, model: torch.nn.Module, task: str, adapter_name: str = "default"):
         """Put task `task` straight from the bundle into a PEFT model (no adapter folder needed).
@@ -120,22 +143,12 @@ class HydraBundle:
         return pm
 
     # -- files -------------------------------------------------------------------------------------
-    def save(self, out: str | os.PathLike, *, overwrite: bool = False, protect: list[Path] | None = None) -> Path:
-        out = Path(out)
-        check_output_path(out, list(protect or []), overwrite)
-        tensors = {}
-        for m, f in self.modules.items():
-            tensors[f"{m}::A"] = f.A.contiguous()
-            tensors[f"{m}::B"] = f.B.contiguous()
-        blob = safetensors.torch.save(tensors, metadata={"format": FORMAT, "version": str(VERSION)})
+    def _section(self) -> dict[str, Any]:
         st = self.storage()
-        manifest = {
-            "format": FORMAT,
+        return {
             "version": VERSION,
             "tasks": self.tasks,
             "factors_file": FACTORS,
-            "factors_sha256": hashlib.sha256(blob).hexdigest(),
-            "factors_file_bytes": len(blob),
             "modules": {
                 m: {
                     "d_in": int(f.A.shape[2]),
@@ -143,78 +156,95 @@ class HydraBundle:
                     "rank": f.rank,
                     "k_a": int(f.A.shape[0]),
                     "k_b": int(f.B.shape[0]),
-                    "dtype": str(f.A.dtype).removeprefix("torch."),
+                    "dtype": dtype_name(f.A.dtype),
                     "a_group": [int(x) for x in f.a_group],
                     "b_group": [int(x) for x in f.b_group],
                 }
                 for m, f in self.modules.items()
             },
             "storage": st.to_dict(),
-            "library_params": self.library_params,
-            "library_bytes": self.library_bytes,
+            "library_storage": self.library(),
             "storage_fraction_params": st.params / self.library_params,
+            "storage_fraction_bytes": st.bytes / self.library_bytes,
             "peft_config_template": self.template_config,
             "fit": self.fit,
         }
-        with atomic_dir(out) as tmp:
-            (tmp / FACTORS).write_bytes(blob)
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        return out
+
+    def save(self, out: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
+             what: str = "output") -> Path:
+        """Write the bundle folder through output_dir (never over or into `inputs`)."""
+        for t in self.tasks:
+            check_task_name(t, "bundle")
+        tensors = {}
+        for m, f in self.modules.items():
+            tensors[f"{m}::A"] = f.A.contiguous()
+            tensors[f"{m}::B"] = f.B.contiguous()
+        with output_dir(out, kind=BUNDLE_KIND, inputs=self._inputs(inputs), overwrite=overwrite, what=what) as o:
+            safetensors.torch.save_file(tensors, str(o.path / FACTORS))
+            o.meta["hydraopt"] = self._section()
+        return o.target
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "HydraBundle":
         path = Path(path)
-        mpath, fpath = path / MANIFEST, path / FACTORS
-        if not mpath.is_file():
-            raise AdapterError(f"{path}: not a HydraOpt bundle (no {MANIFEST})")
-        try:
-            man = json.loads(mpath.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise AdapterError(f"{mpath}: is not valid JSON ({exc})") from exc
-        if not isinstance(man, dict) or man.get("format") != FORMAT:
-            raise AdapterError(f"{mpath}: format is {man.get('format') if isinstance(man, dict) else None!r}, expected {FORMAT!r}")
-        if man.get("version") != VERSION:
-            raise AdapterError(f"{mpath}: version {man.get('version')!r} is not supported (expected {VERSION})")
-        if not fpath.is_file():
-            raise AdapterError(f"{fpath}: missing; the bundle needs its factors file")
-        blob = fpath.read_bytes()
-        if hashlib.sha256(blob).hexdigest() != man.get("factors_sha256"):
-            raise AdapterError(f"{fpath}: sha256 does not match {MANIFEST}; the file is corrupt or was modified")
-        try:
-            tensors = safetensors.torch.load(blob)
-        except Exception as exc:
-            raise AdapterError(f"{fpath}: cannot be read as safetensors ({exc})") from exc
-        tasks = man.get("tasks")
-        if not isinstance(tasks, list) or not tasks:
-            raise AdapterError(f"{mpath}: 'tasks' must be a non-empty list")
-        n = len(tasks)
-        modules: dict[str, ModuleFactors] = {}
-        spec = man.get("modules") or {}
-        expected_keys = {f"{m}::{s}" for m in spec for s in ("A", "B")}
-        if set(tensors) != expected_keys:
-            extra, missing = sorted(set(tensors) - expected_keys)[:3], sorted(expected_keys - set(tensors))[:3]
-            raise AdapterError(f"{fpath}: tensors do not match {MANIFEST} (missing {missing}, unexpected {extra})")
-        for m in sorted(spec, key=natural_key):
-            s = spec[m]
-            A, B = tensors[f"{m}::A"], tensors[f"{m}::B"]
-            want_a = (s["k_a"], s["rank"], s["d_in"])
-            want_b = (s["k_b"], s["d_out"], s["rank"])
-            if tuple(A.shape) != want_a or tuple(B.shape) != want_b:
-                raise AdapterError(f"{fpath}: module {m} has A {tuple(A.shape)} / B {tuple(B.shape)}, expected {want_a} / {want_b}")
-            if str(A.dtype).removeprefix("torch.") != s.get("dtype") or B.dtype != A.dtype:
-                raise AdapterError(f"{fpath}: module {m} dtype {A.dtype}/{B.dtype} does not match {MANIFEST} ({s.get('dtype')})")
-            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-                raise AdapterError(f"{fpath}: module {m} has NaN/Inf factors")
-            ag, bg = np.asarray(s["a_group"], dtype=np.int64), np.asarray(s["b_group"], dtype=np.int64)
-            if ag.shape != (n,) or bg.shape != (n,) or ag.min() < 0 or bg.min() < 0 or ag.max() >= s["k_a"] or bg.max() >= s["k_b"]:
-                raise AdapterError(f"{mpath}: module {m} task map is not {n} indices within K_A={s['k_a']}, K_B={s['k_b']}")
-            modules[m] = ModuleFactors(A, B, ag, bg)
-        return cls(
-            tasks=list(tasks),
-            modules=modules,
-            template_config=man.get("peft_config_template") or {},
-            library_params=int(man["library_params"]),
-            library_bytes=int(man["library_bytes"]),
-            fit=man.get("fit") or {},
-            source=path,
-        )
+        man = read_manifest(path, BUNDLE_KIND, AdapterError)
+        where = f"{path}/romscale_manifest.json"
+        if set(man["files"]) != {FACTORS}:
+            raise AdapterError(f"{where}: lists {sorted(man['files'])}; a HydraOpt bundle holds exactly {FACTORS}")
+        h = man.get("hydraopt")
+        if not isinstance(h, dict) or h.get("version") != VERSION:
+            raise AdapterError(f"{where}: no 'hydraopt' section of version {VERSION}; re-create the bundle with this romscale")
+        tasks = h.get("tasks")
+        if not isinstance(tasks, list) or not tasks or len(set(map(str, tasks))) != len(tasks):
+            raise AdapterError(f"{where}: 'tasks' must be a non-empty list of unique names")
+        for t in tasks:
+            check_task_name(t, where)
+        spec = h.get("modules")
+        if not isinstance(spec, dict) or not spec:
+            raise AdapterError(f"{where}: 'modules' must describe every module")
+        fpath = path / FACTORS
+        header, _ = safetensors_header(fpath)
+        _check_factor_header(fpath, header, spec, where)
+        tensors, _ = read_safetensors(fpath)
+        modules = {m: _module_factors(m, spec[m], tensors, len(tasks), fpath, where) for m in spec}
+        lib = h.get("library_storage") or {}
+        if not all(isinstance(lib.get(k), int) and lib[k] > 0 for k in ("params", "bytes")):
+            raise AdapterError(f"{where}: 'library_storage' needs positive integer params and bytes")
+        return cls(tasks=list(tasks), modules=modules, template_config=h.get("peft_config_template") or {},
+                   library_params=lib["params"], library_bytes=lib["bytes"], fit=h.get("fit") or {},
+                   library_dtype=str(lib.get("dtype", "float32")), source=path)
+
+
+def _shape_spec(m: str, s: Any, where: str) -> dict[str, int]:
+    keys = ("d_in", "d_out", "rank", "k_a", "k_b")
+    if not isinstance(s, dict) or not all(isinstance(s.get(k), int) and s[k] >= 1 for k in keys) or s.get("dtype") not in _ST_NAMES:
+        raise AdapterError(f"{where}: module {m} needs positive integers {', '.join(keys)} and a dtype in {sorted(_ST_NAMES)}")
+    return {k: s[k] for k in keys}
+
+
+def _check_factor_header(fpath: Path, header: dict, spec: dict, where: str) -> None:
+    """Every tensor of the factors file has the key, shape and dtype the manifest says, before loading."""
+    expected = {}
+    for m, s in spec.items():
+        d = _shape_spec(m, s, where)
+        expected[f"{m}::A"] = ([d["k_a"], d["rank"], d["d_in"]], _ST_NAMES[s["dtype"]])
+        expected[f"{m}::B"] = ([d["k_b"], d["d_out"], d["rank"]], _ST_NAMES[s["dtype"]])
+    if set(header) != set(expected):
+        extra, missing = sorted(set(header) - set(expected))[:3], sorted(set(expected) - set(header))[:3]
+        raise AdapterError(f"{fpath}: tensors do not match {where} (missing {missing}, unexpected {extra})")
+    for key, (shape, dt) in expected.items():
+        if header[key]["shape"] != shape or header[key]["dtype"] != dt:
+            raise AdapterError(f"{fpath}: {key} is {header[key]['dtype']} {tuple(header[key]['shape'])}, {where} says {dt} {tuple(shape)}")
+
+
+def _module_factors(m: str, s: dict, tensors: dict[str, torch.Tensor], n: int, fpath: Path, where: str) -> ModuleFactors:
+    A, B = tensors[f"{m}::A"], tensors[f"{m}::B"]
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise AdapterError(f"{fpath}: module {m} has NaN/Inf factors")
+    groups = []
+    for key, k in (("a_group", s["k_a"]), ("b_group", s["k_b"])):
+        g = s.get(key)
+        if not isinstance(g, list) or len(g) != n or not all(isinstance(x, int) and 0 <= x < k for x in g):
+            raise AdapterError(f"{where}: module {m} task map is not {n} indices within K_A={s['k_a']}, K_B={s['k_b']}")
+        groups.append(np.asarray(g, dtype=np.int64))
+    return ModuleFactors(A, B, groups[0], groups[1])

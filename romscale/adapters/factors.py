@@ -38,20 +38,19 @@ class ModuleStack:
     def ranks(self) -> list[int]:
         return [int(a.shape[0]) for a in self.A]
 
-    def scaled_B(self, t: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.B[t].to(dtype) * self.scaling[t]
-
     def delta(self, t: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         # Same operation order as PEFT's get_delta_weight: (B @ A) * scaling.
         return (self.B[t].to(dtype) @ self.A[t].to(dtype)) * self.scaling[t]
 
     def deltas(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
-        """All dense updates, (N, d_out, d_in). Pass a reused `out` for large stacks: fresh
-        allocations above glibc's mmap threshold page-fault on every call."""
-        A, B = self.padded(dtype, fold_scaling=False)
-        s = torch.tensor(self.scaling, dtype=dtype).view(-1, 1, 1)
-        D = torch.bmm(B, A, out=out)
-        return D.mul_(s)
+        """All dense updates, (N, d_out, d_in), each computed exactly as `delta` (so bit for bit as
+        PEFT's: magnitude trimming then keeps the same entries). Pass a reused `out` for large
+        stacks: fresh allocations above glibc's mmap threshold page-fault on every call."""
+        D = out if out is not None else torch.empty(self.n, self.d_out, self.d_in, dtype=dtype)
+        for t in range(self.n):
+            torch.matmul(self.B[t].to(dtype), self.A[t].to(dtype), out=D[t])
+            D[t].mul_(self.scaling[t])
+        return D
 
     def padded(self, dtype: torch.dtype = torch.float64, fold_scaling: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (N, r_max, d_in), B (N, d_out, r_max)); zero padding leaves every B @ A unchanged."""

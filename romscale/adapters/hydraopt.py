@@ -12,7 +12,8 @@ eigenvalues. One shared A with per-task B is the special case K_A = 1, K_B = N. 
 (A groups nested in B groups) is the same on the transposed problem. Crossed groupings and the
 data-aware metric use alternating least squares from that start.
 
-Storage target. For a target fraction f of the library's parameters we evaluate, per structure
+Storage target. For a target fraction f of the library's bytes (or of its parameters, with
+storage_unit="params"; the shared factors' dtype converts one into the other) we evaluate, per structure
 (a/b tree; "auto" picks the side whose factors are more alike) and shared rank rho in
 `rank_multipliers` x r, every K of a fixed ladder with the other K as large as f allows, plus the
 budget-filling per-task point, and keep the least total error. Groupings are cuts of Ward
@@ -35,6 +36,7 @@ from romscale.adapters.bank import AdapterBank
 from romscale.adapters.cluster import Dendrogram, groups_of, input_side_kernel, ward_dendrogram
 from romscale.adapters.factors import complete_rows, inner, psd_sqrt_factor, sq_norm, top_eigh, top_eigvals
 from romscale.adapters.parallel import map_modules
+from romscale.adapters.storage import StorageReport, dtype_name, itemsize, torch_dtype
 
 Tree = Literal["a", "b"]
 F64 = torch.float64
@@ -43,7 +45,8 @@ SPECTRUM_F32_MIN_DIM = 256  # search spectra of matrices at least this large are
 
 @dataclass(frozen=True)
 class HydraOptConfig:
-    storage: float | None = 0.5  # target fraction of the library's parameters (ignored if k_a/k_b given)
+    storage: float | None = 0.5  # target fraction of the library's storage (ignored if k_a/k_b given)
+    storage_unit: Literal["bytes", "params"] = "bytes"  # what `storage` is a fraction of
     k_a: int | None = None  # explicit number of shared A per module
     k_b: int | None = None  # explicit number of shared B per module
     rank: int | None = None  # explicit shared rank rho (default: max input rank of the module)
@@ -55,7 +58,7 @@ class HydraOptConfig:
     data_weight: float = 0.0  # lambda of the data-aware metric (needs inputs)
     als_iters: int = 30
     als_tol: float = 1e-7
-    factor_dtype: str = "float32"  # dtype of the stored shared factors
+    factor_dtype: str | None = None  # dtype of the stored shared factors; None: the inputs' dtype
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -357,15 +360,31 @@ def choose_structure(bank: AdapterBank, w: torch.Tensor, sample: int = 8) -> tup
     return ("a" if ma >= mb else "b"), {"input_side_similarity": ma, "output_side_similarity": mb}
 
 
-def plan_candidates(bank: AdapterBank, cfg: HydraOptConfig, structures: Sequence[Tree] | None = None) -> list[Candidate]:
+def budget_params(bank: AdapterBank, fraction: float, unit: str, dtype: torch.dtype) -> float:
+    """The parameter budget of a storage fraction: of the library's params, or of its bytes with
+    the shared factors stored in `dtype` (fp16 factors of an fp32 library: twice the params)."""
+    lib = bank.storage()
+    return fraction * lib.params if unit == "params" else fraction * lib.bytes / itemsize(dtype)
+
+
+def fractions(params: int, dtype: torch.dtype, lib: StorageReport) -> dict[str, Any]:
+    """Storage of `params` factors in `dtype`, absolute and as fractions of the library, both units."""
+    nbytes = params * itemsize(dtype)
+    return {"bytes": nbytes, "dtype": dtype_name(dtype), "storage_fraction_params": params / lib.params,
+            "storage_fraction_bytes": nbytes / lib.bytes}
+
+
+def plan_candidates(bank: AdapterBank, cfg: HydraOptConfig, structures: Sequence[Tree] | None = None,
+                    fdtype: torch.dtype | None = None) -> list[Candidate]:
     """The frontier of (structure, rho, K_A, K_B) within the storage target: for every K of the
     ladder the other K as large as the budget allows, plus the budget-filling per-task point (a tree:
     K_B = N with the largest K_A that fits; b tree: K_A = N with the largest K_B). Each candidate at
     a budget is refined (nested groupings) by one at any larger budget, hence monotone errors."""
     N = bank.n
-    if cfg.storage is None or cfg.storage <= 0:
-        raise RomscaleError(f"storage target must be > 0, got {cfg.storage}")
-    budget = cfg.storage * bank.storage().params
+    fdtype = fdtype if fdtype is not None else factor_dtype(bank, cfg)
+    if cfg.storage is None or not 0 < cfg.storage <= 1:
+        raise RomscaleError(f"storage target must be a fraction in (0, 1], got {cfg.storage}")
+    budget = budget_params(bank, cfg.storage, cfg.storage_unit, fdtype)
     ladder = sorted({min(max(1, int(k)), N) for k in (cfg.ladder or default_ladder(N))})
     out: list[Candidate] = []
     trees = structures or (("a", "b") if cfg.structures == "auto" else cfg.structures)
@@ -394,10 +413,12 @@ def plan_candidates(bank: AdapterBank, cfg: HydraOptConfig, structures: Sequence
                 if cand not in out:
                     out.append(cand)
     if not out:
-        smallest = min(storage_params(bank, 1, 1, m) for m in cfg.rank_multipliers) / bank.storage().params
+        params = min(storage_params(bank, 1, 1, m) for m in cfg.rank_multipliers)
+        lib = bank.storage()
         raise RomscaleError(
-            f"storage target {cfg.storage:.4g} is below the smallest HydraOpt configuration "
-            f"(one shared A and B: {smallest:.4g} of the library)"
+            f"storage target {cfg.storage:.4g} (of the library's {cfg.storage_unit}) is below the smallest HydraOpt "
+            f"configuration (one shared A and B: {params / lib.params:.4g} of its params, "
+            f"{params * itemsize(fdtype) / lib.bytes:.4g} of its bytes in {dtype_name(fdtype)})"
         )
     return out
 
@@ -472,6 +493,10 @@ def task_weights(bank: AdapterBank, weights: Sequence[float] | None) -> torch.Te
     return torch.tensor([float(w) for w in weights], dtype=F64)
 
 
+def factor_dtype(bank: AdapterBank, cfg: HydraOptConfig) -> torch.dtype:
+    return bank.dtype if cfg.factor_dtype is None else torch_dtype(cfg.factor_dtype, "factor_dtype")
+
+
 def _validate(bank: AdapterBank, cfg: HydraOptConfig, inputs) -> tuple[torch.Tensor, torch.dtype]:
     w = task_weights(bank, cfg.task_weights)
     if cfg.data_weight and not inputs:
@@ -482,9 +507,9 @@ def _validate(bank: AdapterBank, cfg: HydraOptConfig, inputs) -> tuple[torch.Ten
         unknown = sorted(set(inputs) - set(bank.names))
         if unknown:
             raise RomscaleError(f"inputs given for unknown tasks {unknown}; tasks are {bank.names}")
-    fdtype = getattr(torch, str(cfg.factor_dtype), None)
-    if not isinstance(fdtype, torch.dtype) or not fdtype.is_floating_point:
-        raise RomscaleError(f"factor_dtype must be a floating torch dtype name, got {cfg.factor_dtype!r}")
+    fdtype = factor_dtype(bank, cfg)
+    if cfg.storage_unit not in ("bytes", "params"):
+        raise RomscaleError(f"storage_unit must be 'bytes' or 'params', got {cfg.storage_unit!r}")
     if cfg.structures != "auto" and (not cfg.structures or any(t not in ("a", "b") for t in cfg.structures)):
         raise RomscaleError(f"structures must be 'auto' or a subset of ('a', 'b'), got {cfg.structures!r}")
     if cfg.grouping not in ("nested", "independent"):
@@ -543,10 +568,11 @@ def _bundle(bank, cfg, chosen, w, fitted, extra: dict[str, Any]):
 
     modules, err_plain, err_data = fitted
     lib = bank.storage()
+    fdtype = next(iter(modules.values())).A.dtype
     norm = len(bank.modules) * float(w.sum())
     fit: dict[str, Any] = {
         "config": cfg.to_dict(),
-        "chosen": {**asdict(chosen), "storage_fraction": chosen.params / lib.params},
+        "chosen": {**asdict(chosen), **fractions(chosen.params, fdtype, lib)},
         "objective": float(np.nansum(err_plain * w.numpy()[None, :])) / norm,
         "task_errors": dict(zip(bank.names, _rms(err_plain))),
         "error_definition": "per task: RMS over modules of ||dW - B~A~||_F / ||dW||_F; objective: weighted mean of squared errors",
@@ -555,7 +581,7 @@ def _bundle(bank, cfg, chosen, w, fitted, extra: dict[str, Any]):
     if err_data is not None:
         fit["task_errors_data"] = dict(zip(bank.names, _rms(err_data)))
     return HydraBundle(tasks=list(bank.names), modules=modules, template_config=bank.template_config(),
-                       library_params=lib.params, library_bytes=lib.bytes, fit=fit)
+                       library_params=lib.params, library_bytes=lib.bytes, fit=fit, library_dtype=lib.total.dtype)
 
 
 def fit_hydraopt(
@@ -569,7 +595,9 @@ def fit_hydraopt(
     """Fit shared factors for every module of `bank`; returns a HydraBundle (see bundle.py).
 
     With config.k_a / k_b the configuration is explicit; otherwise config.storage is a target
-    fraction of the library's parameters and the least-error configuration within it is chosen.
+    fraction of the library's bytes (of its parameters with storage_unit="params") and the
+    least-error configuration within it is chosen. Factors are stored in config.factor_dtype,
+    by default the inputs' dtype.
     `inputs`: optional task -> module -> F (m x d_in), a factor of the module's input Gram on a few
     examples (activations.collect_input_factors), used when config.data_weight > 0.
     """
@@ -609,14 +637,14 @@ def fit_hydraopt_many(
         trees: Sequence[Tree] = (tree,)
     else:
         trees = tuple(cfg.structures)
-    per_target = [plan_candidates(bank, replace(cfg, storage=float(f)), trees) for f in storages]
+    per_target = [plan_candidates(bank, replace(cfg, storage=float(f)), trees, fdtype) for f in storages]
     union: list[Candidate] = []
     for cands in per_target:
         union += [c for c in cands if c not in union]
     scores = dict(zip(union, search_candidates(bank, union, w, workers=workers, progress=progress)))
     search_s = time.perf_counter() - start
     norm = len(bank.modules) * float(w.sum())
-    lib = bank.storage().params
+    lib = bank.storage()
     fitted_cache: dict[Candidate, Any] = {}
     out = []
     for f, cands in zip(storages, per_target):
@@ -627,7 +655,7 @@ def fit_hydraopt_many(
             "search_seconds": round(search_s, 3),
             "seconds": round(time.perf_counter() - start, 3),
             "structure_choice": {"searched": list(trees), **structure_info},
-            "candidates": [{**asdict(c), "storage_fraction": c.params / lib, "objective": float(scores[c]) / norm} for c in cands],
+            "candidates": [{**asdict(c), **fractions(c.params, fdtype, lib), "objective": float(scores[c]) / norm} for c in cands],
         }
         out.append(_bundle(bank, replace(cfg, storage=float(f)), chosen, w, fitted_cache[chosen], extra))
     return out

@@ -29,7 +29,7 @@ from romscale.adapters.factors import ModuleStack, truncate_dense, truncate_fact
 from romscale.adapters.ops import SignMethod, combine
 from romscale.adapters.parallel import map_modules
 from romscale.adapters.peft_io import LoraAdapter, adapter_from_factors
-from romscale.adapters.storage import StorageReport
+from romscale.adapters.storage import StorageReport, torch_dtype
 
 Family = Literal["update", "ab"]
 
@@ -45,6 +45,7 @@ class MergeOptions:
     sign_method: SignMethod = "total"
     rng: Literal["fast", "torch"] = "fast"  # update-space DARE masks: fast numpy or PEFT's torch stream
     knots_inner: Literal["ties", "linear"] = "ties"  # how KnOTS merges the per-task coordinates
+    dtype: str | None = None  # dtype of the merged factors; None: the inputs' dtype
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -55,9 +56,9 @@ class MergeOptions:
 @dataclass
 class MergeContext:
     """State handed to every module call. `torch_rng` is one stream consumed module by module in
-    the bank's order (PEFT's order, so merges run sequentially when they draw from it); `np_rng` is
-    seeded per module from (seed, module index), so fast random merges can run in parallel and
-    still give the same result."""
+    the bank's order (the model's order, as PEFT; merges run sequentially when they draw from it);
+    `np_rng` is seeded per module from (seed, module index), so fast random merges can run in
+    parallel and still give the same result."""
 
     options: MergeOptions
     torch_rng: torch.Generator
@@ -65,9 +66,8 @@ class MergeContext:
     _buffers: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, options: MergeOptions, torch_generator: torch.Generator | None = None) -> "MergeContext":
-        g = torch_generator if torch_generator is not None else torch.Generator().manual_seed(options.seed)
-        return cls(options, g, np.random.default_rng([options.seed, 0]))
+    def create(cls, options: MergeOptions, torch_generator: torch.Generator) -> "MergeContext":
+        return cls(options, torch_generator, np.random.default_rng([options.seed, 0]))
 
     def for_module(self, index: int) -> "MergeContext":
         return MergeContext(self.options, self.torch_rng, np.random.default_rng([self.options.seed, index]), self._buffers)
@@ -284,6 +284,34 @@ class MagnitudePruneAB(_ABMerge):
     description = "PEFT 'magnitude_prune': magnitude pruning on A and on B separately"
 
 
+# ---- PEFT's random stream ------------------------------------------------------------------------
+def _peft_rank(adapter: LoraAdapter) -> int:
+    cfg = adapter.config
+    return max([int(cfg.get("r", 8)), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())])
+
+
+def peft_stream(bank: AdapterBank, method: MergeMethod, options: MergeOptions) -> torch.Generator:
+    """A torch generator in the state PEFT's global RNG is in when `torch.manual_seed(seed);
+    add_weighted_adapter(...)` starts combining: PEFT first creates the merged adapter's layers,
+    module by module in model order (nn.Linear init of lora_A and lora_B, then the LoRA init of
+    lora_A), drawing from the same stream. Replayed draw for draw (tested against peft 0.21)."""
+    g = torch.Generator().manual_seed(options.seed)
+    ranks = [_peft_rank(a) for a in bank.adapters]
+    rank = ranks[0] if method.family == "ab" else (options.rank or max(ranks))
+    init = bank.adapters[0].config.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian"):
+        raise AdapterError(f"cannot replay PEFT's random stream for init_lora_weights={init!r} (True, False or 'gaussian' only); use --rng fast")
+    for mod in bank.modules:
+        d_out, d_in = bank.shapes[mod]
+        torch.empty(rank, d_in).uniform_(generator=g)  # nn.Linear(d_in, r).reset_parameters()
+        torch.empty(d_out, rank).uniform_(generator=g)  # nn.Linear(r, d_out).reset_parameters()
+        if init is True:
+            torch.empty(rank, d_in).uniform_(generator=g)  # kaiming_uniform_(lora_A)
+        elif init == "gaussian":
+            torch.empty(rank, d_in).normal_(generator=g)
+    return g
+
+
 # ---- driver -------------------------------------------------------------------------------------
 @dataclass
 class MergeResult:
@@ -293,6 +321,7 @@ class MergeResult:
     options: MergeOptions
     weights: list[float]
     seconds: float
+    module_order: list[str] = field(default_factory=list)  # the order random draws were made in
     storage: StorageReport = field(init=False)
 
     def __post_init__(self) -> None:
@@ -306,10 +335,13 @@ class MergeResult:
             "weights": self.weights,
             "options": self.options.to_dict(),
             "seconds": round(self.seconds, 4),
+            "module_order": self.module_order,
             "storage": self.storage.to_dict(per_module=False),
         }
         if library is not None:
-            out["storage_fraction"] = self.storage.params / library.params
+            out["library_storage"] = library.to_dict(per_module=False)
+            out["storage_fraction_params"] = self.storage.params / library.params
+            out["storage_fraction_bytes"] = self.storage.bytes / library.bytes
         return out
 
 
@@ -336,26 +368,32 @@ def merge_adapters(
 ) -> MergeResult:
     """Merge every adapter of `bank` into one LoRA adapter with `method` (see MERGE_METHODS).
 
-    Random methods draw from a generator seeded with `options.seed`, module by module in the bank's
-    order; `torch_generator` replaces it (e.g. to replay the global-RNG stream of a PEFT run)."""
+    Random methods draw module by module in the bank's (the model's) order: from PEFT's stream
+    (`peft_stream`: the same masks as `torch.manual_seed(seed); add_weighted_adapter(...)`) for the
+    A/B family and rng="torch", or from numpy streams seeded per module for rng="fast";
+    `torch_generator` replaces PEFT's stream (its state when PEFT starts combining). The merged
+    factors are stored in `options.dtype`, by default the inputs' dtype."""
     options = options or MergeOptions()
     m = get_merge_method(method)
-    if m.uses_density and not 0.0 <= options.density <= 1.0:
-        raise RomscaleError(f"density must be in [0, 1], got {options.density}")
+    if m.uses_density and not 0.0 < options.density <= 1.0:
+        raise RomscaleError(f"density must be in (0, 1], got {options.density}")
+    out_dtype = torch_dtype(options.dtype, "dtype") if options.dtype is not None else bank.dtype
     w = resolve_weights(m, bank.n, options.weights)
     wt = torch.tensor(w, dtype=torch.float32)
-    ctx = MergeContext.create(options, torch_generator)
     # Draws from the single torch stream must happen in module order: run those sequentially.
     sequential = m.random and (m.family == "ab" or options.rng == "torch")
+    if torch_generator is None:
+        torch_generator = peft_stream(bank, m, options) if sequential else torch.Generator().manual_seed(options.seed)
+    ctx = MergeContext.create(options, torch_generator)
     start = time.perf_counter()
 
     def one(i: int, mod: str) -> tuple[torch.Tensor, torch.Tensor]:
         A, B = m.merge_module(bank.stack(mod), wt, ctx.for_module(i))
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise RomscaleError(f"merge {method} produced NaN/Inf in module {mod}")
-        return A.float().contiguous(), B.float().contiguous()
+        return A.to(out_dtype).contiguous(), B.to(out_dtype).contiguous()
 
     results = map_modules(one, bank.modules, workers=1 if sequential else workers, desc=f"merge {method}", progress=progress)
     factors = dict(zip(bank.modules, results))
     adapter = adapter_from_factors(name or f"merge-{method}", bank.template_config(), factors)
-    return MergeResult(method, m.family, adapter, options, w, time.perf_counter() - start)
+    return MergeResult(method, m.family, adapter, options, w, time.perf_counter() - start, list(bank.modules))

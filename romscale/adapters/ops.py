@@ -1,9 +1,9 @@
 """Elementwise merge operations (trim, random drop, sign election, disjoint mean), written to give
 the same results as peft.utils.merge_utils so that merges can be checked against PEFT.
 
-Differences from PEFT, on purpose:
-- magnitude trimming keeps |x| >= the k-th largest magnitude (found exactly by a radix select)
-  instead of a top-k sort; identical except for exact ties in magnitude, and several times faster;
+- magnitude trimming keeps exactly k = int(density * numel) entries, the ones torch.topk picks
+  (PEFT's magnitude_based_pruning), ties at the k-th magnitude included; the threshold comes from a
+  radix select, and topk itself only runs when entries tie at it (common with fp16 factors);
 - random drops take an explicit generator: a torch.Generator reproduces PEFT's global-RNG stream
   draw for draw; a numpy Generator ("fast" mode) draws 16-bit uniforms, ~10x faster for the dense
   updates of update-space DARE (keep probability quantised to 1/65536).
@@ -48,16 +48,28 @@ def kth_largest_abs(t: torch.Tensor, k: int) -> float:
     return float(np.partition(band, band.size - kk)[band.size - kk])
 
 
+def top_k_mask(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly k entries of largest |x| (0 <= k <= numel), the same entries as
+    `torch.topk(t.abs().reshape(-1), k)`. When no entry ties with the k-th magnitude the set is
+    {|x| >= k-th}, found by the radix select; otherwise topk chooses among the tied entries."""
+    flat = t.detach().reshape(-1)
+    if k <= 0:
+        return torch.zeros(t.shape, dtype=torch.bool)
+    a = flat.abs()
+    mask = a >= torch.as_tensor(kth_largest_abs(a, k), dtype=a.dtype)
+    if int(mask.sum()) != k:
+        mask = torch.zeros_like(mask)
+        mask[torch.topk(a, k, largest=True).indices] = True
+    return mask.view(t.shape)
+
+
 def trim_magnitude(t: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the `density` fraction of entries with the largest magnitude, zero the rest."""
+    """Keep the `density` fraction of entries with the largest magnitude (exactly
+    int(density * numel) of them, as PEFT), zero the rest."""
     _check_density(density)
     if density >= 1:
         return t
-    k = int(density * t.numel())
-    if k <= 0:
-        return torch.zeros_like(t)
-    thr = kth_largest_abs(t, k)
-    return t * (t.abs() >= torch.as_tensor(thr, dtype=t.dtype))
+    return t * top_k_mask(t, int(density * t.numel()))
 
 
 def random_drop(t: torch.Tensor, density: float, rng: Rng, rescale: bool = True) -> torch.Tensor:
@@ -104,11 +116,7 @@ def combine(
     if kind in ("ties", "magnitude_prune") and density < 1:
         k = int(density * Xf.shape[1])
         for t in range(N):
-            if k <= 0:
-                Xf[t].zero_()
-                continue
-            a = Xf[t].abs()
-            Xf[t].mul_(a >= kth_largest_abs(a, k))
+            Xf[t].mul_(top_k_mask(Xf[t], k))
     elif kind in ("dare_linear", "dare_ties") and density < 1:
         if rng is None:
             raise RomscaleError("DARE needs a random generator (seed)")

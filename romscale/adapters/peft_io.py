@@ -3,8 +3,14 @@
 Only plain LoRA on linear layers is accepted: every tensor must be a `lora_A.weight` (r x d_in) or a
 `lora_B.weight` (d_out x r). Anything else (DoRA magnitudes, embedding LoRA, bias, modules_to_save)
 is refused with a message naming the file, because an update that is not s * B @ A cannot be merged
-by the methods in this package. Pickles are never unpickled: legacy `.bin` files go through
-`torch.load(weights_only=True)`.
+by the methods in this package.
+
+Reading is defensive, since adapters come from anywhere: both files must be plain files inside the
+folder (no symbolic links), the JSON goes through the size-capped reader, the safetensors header is
+checked against the file size before any tensor is allocated, and pickles are never loaded (a
+folder with only `adapter_model.bin` gets an error saying how to convert it). A folder romscale
+wrote carries `romscale_manifest.json`, which is checked (exact file list, sizes, sha256) first.
+Writing goes through `romscale.utils.outputs.output_dir` (kind "peft-adapter").
 """
 
 from __future__ import annotations
@@ -12,23 +18,31 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
+import safetensors
 import safetensors.torch
 import torch
 from peft.utils.other import get_pattern_key
 
+from romscale.adapters.order import natural_key
+from romscale.adapters.storage import StorageReport
 from romscale.errors import AdapterError
-from romscale.utils.atomic import atomic_dir
+from romscale.utils.outputs import MANIFEST, member, output_dir, read_json, read_manifest
 
+ADAPTER_KIND = "peft-adapter"  # romscale output kind of a PEFT LoRA folder
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 LEGACY_BIN_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
 
 # Config switches whose adapters do not store a plain s * B @ A update (or store extra tensors).
@@ -38,11 +52,6 @@ _UNSUPPORTED_FLAGS = {
     "use_qalora": "QA-LoRA adapters are not supported",
 }
 _UNSUPPORTED_INIT = ("pissa", "olora", "corda", "loftq", "lora_ga")
-
-
-def natural_key(name: str) -> list:
-    """Sort key that orders `layers.2` before `layers.10` (numbers compared as numbers)."""
-    return [int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", name))]
 
 
 @dataclass(frozen=True)
@@ -101,18 +110,27 @@ def _fail(path: Path, msg: str) -> AdapterError:
     return AdapterError(f"{path}: {msg}")
 
 
-def read_config(folder: Path) -> dict[str, Any]:
-    cfg_path = folder / CONFIG_NAME
+def _plain_file(folder: Path, name: str) -> Path | None:
+    """folder/name if present, refusing symbolic links (they could point anywhere)."""
+    if not os.path.lexists(folder / name):
+        return None
+    return member(folder, name, AdapterError, str(folder))
+
+
+def _check_folder(folder: Path) -> None:
     if not folder.exists():
         raise AdapterError(f"{folder}: adapter folder does not exist")
     if not folder.is_dir():
         raise AdapterError(f"{folder}: expected a PEFT adapter folder, found a file")
-    if not cfg_path.is_file():
-        raise _fail(cfg_path, "missing; a PEFT adapter folder needs adapter_config.json")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _fail(cfg_path, f"is not valid JSON ({exc})") from exc
+    if os.path.lexists(folder / MANIFEST):  # written by romscale: check it is complete and intact
+        read_manifest(folder, ADAPTER_KIND, AdapterError)
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    cfg_path = _plain_file(folder, CONFIG_NAME)
+    if cfg_path is None:
+        raise _fail(folder / CONFIG_NAME, "missing; a PEFT adapter folder needs adapter_config.json")
+    cfg = read_json(cfg_path, AdapterError)
     if not isinstance(cfg, dict):
         raise _fail(cfg_path, "expected a JSON object")
     peft_type = str(cfg.get("peft_type", "")).upper()
@@ -129,29 +147,65 @@ def read_config(folder: Path) -> dict[str, Any]:
     init = cfg.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_UNSUPPORTED_INIT):
         raise _fail(cfg_path, f"init_lora_weights={init!r} changes the base weights; convert it to a plain LoRA first")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pattern.values()):
+            raise _fail(cfg_path, f"{key} must be an object module -> number")
     return cfg
 
 
+def safetensors_header(path: Path, error: type[Exception] = AdapterError) -> tuple[dict[str, dict], dict[str, str]]:
+    """The tensor entries and metadata of a safetensors file, checked against the file's size
+    (dtype known, offsets inside the file, sizes consistent) before anything is allocated."""
+    size = path.stat().st_size
+    bad = f"{path}: cannot be read as safetensors"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > min(MAX_HEADER_BYTES, size - 8):
+            raise error(f"{bad} (a header of {n} bytes in a file of {size:,}); the file is corrupt or truncated")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise error(f"{bad} (header is not JSON: {exc}); the file is corrupt or truncated") from None
+    if not isinstance(header, dict):
+        raise error(f"{bad} (header is not an object); the file is corrupt or truncated")
+    meta = header.pop("__metadata__", None) or {}
+    data = size - 8 - n
+    for name, e in header.items():
+        ok = isinstance(e, dict) and e.get("dtype") in _ST_ITEMSIZE and isinstance(e.get("shape"), list) \
+            and all(isinstance(d, int) and d >= 0 for d in e["shape"]) and isinstance(e.get("data_offsets"), list) \
+            and len(e["data_offsets"]) == 2 and all(isinstance(o, int) for o in e["data_offsets"])
+        if not ok:
+            raise error(f"{bad} (entry {name!r} needs a known dtype, a shape and two data offsets); the file is corrupt")
+        begin, end = e["data_offsets"]
+        if not 0 <= begin <= end <= data or end - begin != math.prod(e["shape"]) * _ST_ITEMSIZE[e["dtype"]]:
+            raise error(f"{bad} (tensor {name!r} at bytes {begin}-{end} of {data:,} data bytes does not fit its shape "
+                        f"{e['shape']}); the file is corrupt or truncated")
+    return header, {str(k): str(v) for k, v in dict(meta).items()}
+
+
+def read_safetensors(path: Path, error: type[Exception] = AdapterError) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    _, meta = safetensors_header(path, error)
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except Exception as exc:  # safetensors raises its own error types
+        raise error(f"{path}: cannot be read as safetensors ({exc}); the file is corrupt or truncated") from exc
+
+
 def _load_state(folder: Path) -> tuple[dict[str, torch.Tensor], Path, dict[str, str]]:
-    st = folder / SAFETENSORS_NAME
-    if st.is_file():
-        try:
-            with safetensors.safe_open(str(st), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise _fail(st, f"cannot be read as safetensors ({exc}); the file is corrupt or truncated") from exc
+    st = _plain_file(folder, SAFETENSORS_NAME)
+    if st is not None:
+        state, meta = read_safetensors(st)
         return state, st, meta
-    legacy = folder / LEGACY_BIN_NAME
-    if legacy.is_file():
-        try:
-            state = torch.load(str(legacy), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise _fail(legacy, f"cannot be loaded with torch.load(weights_only=True) ({exc}); only plain tensors are accepted, pickled objects never") from exc
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise _fail(legacy, "expected a dict of tensors")
-        return state, legacy, {}
-    raise AdapterError(f"{folder}: no {SAFETENSORS_NAME} (or legacy {LEGACY_BIN_NAME}) in the adapter folder")
+    if os.path.lexists(folder / LEGACY_BIN_NAME):
+        raise AdapterError(
+            f"{folder / LEGACY_BIN_NAME}: pickled PyTorch weights; romscale never loads pickles. Convert the adapter to "
+            f"{SAFETENSORS_NAME} (e.g. PeftModel.from_pretrained(base, folder).save_pretrained(new_folder), which writes safetensors)"
+        )
+    raise AdapterError(f"{folder}: no {SAFETENSORS_NAME} in the adapter folder")
 
 
 def resolve_rank_alpha(cfg: Mapping[str, Any], module: str) -> tuple[int, float]:
@@ -160,12 +214,15 @@ def resolve_rank_alpha(cfg: Mapping[str, Any], module: str) -> tuple[int, float]
     alpha_pattern = cfg.get("alpha_pattern") or {}
     r = rank_pattern.get(get_pattern_key(list(rank_pattern), module), cfg.get("r", 8))
     alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), cfg.get("lora_alpha", 8))
+    if not isinstance(r, int) or isinstance(r, bool) or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise AdapterError(f"{CONFIG_NAME}: rank {r!r} and alpha {alpha!r} of module {module} must be numbers (an integer rank)")
     return int(r), float(alpha)
 
 
 def read_peft_adapter(folder: str | Path, name: str | None = None) -> LoraAdapter:
     """Load and validate one PEFT LoRA folder. Raises AdapterError naming the file on any problem."""
     folder = Path(folder)
+    _check_folder(folder)
     cfg = read_config(folder)
     state, wfile, meta = _load_state(folder)
     if not state:
@@ -245,31 +302,29 @@ def adapter_from_factors(name: str, template: Mapping[str, Any], factors: Mappin
     return LoraAdapter(name=name, config=cfg, modules=modules)
 
 
-def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> None:
-    """Refuse to write over an input (inputs are never changed) or, unless asked, over anything."""
-    for src in inputs:
-        s, o = src.resolve(), out.resolve()
-        if s == o or s.is_relative_to(o) or o.is_relative_to(s):
-            raise AdapterError(f"{out}: output path is, contains or lies inside the input {src}; inputs are never overwritten")
-    if out.exists() and not overwrite:
-        raise AdapterError(f"{out}: already exists; pass overwrite=True (--overwrite) to replace it")
+def write_adapter_files(adapter: LoraAdapter, folder: Path, dtype: torch.dtype | None = None) -> StorageReport:
+    """adapter_config.json + adapter_model.safetensors into `folder` (created); returns the storage."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = adapter.tensors(dtype)
+    (folder / CONFIG_NAME).write_text(json.dumps(adapter.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    safetensors.torch.save_file(tensors, str(folder / SAFETENSORS_NAME), metadata={"format": "pt"})
+    return StorageReport.from_tensors((k.rsplit(".lora_", 1)[0], t) for k, t in tensors.items())
 
 
 def write_peft_adapter(
     adapter: LoraAdapter,
-    out: str | Path,
+    out: str | os.PathLike,
     *,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
-    protect: list[Path] | None = None,
+    inputs: Iterable[str | os.PathLike] = (),
+    what: str = "output",
 ) -> Path:
-    """Write `adapter` as a PEFT folder atomically (temp folder + rename). Returns the folder."""
-    out = Path(out)
-    check_output_path(out, list(protect or []), overwrite)
-    tensors = adapter.tensors(dtype)
-    cfg = copy.deepcopy(adapter.config)
-    meta = {"format": "pt"}
-    with atomic_dir(out) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        safetensors.torch.save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata=meta)
-    return out
+    """Write `adapter` as a PEFT folder (factors in `dtype`, default as held) through output_dir:
+    never over or into an input (`inputs`, and the adapter's own source), an existing folder only
+    if it is a romscale peft-adapter and `overwrite`. Returns the folder."""
+    inputs = [*inputs, *([adapter.source] if adapter.source is not None else [])]
+    with output_dir(out, kind=ADAPTER_KIND, inputs=inputs, overwrite=overwrite, what=what) as o:
+        st = write_adapter_files(adapter, o.path, dtype)
+        o.meta["adapter"] = {"name": adapter.name, "storage": st.to_dict(per_module=False)}
+    return o.target

@@ -1,9 +1,23 @@
-"""Batch-1 greedy decoding on this machine: (a) the dense model with the same RAM architecture,
-(b) the MeKi deploy bundle with its table on storage (page cache dropped before the series, and in
-a second arm before every run), (c) the unfolded training form, and a control: (a) with the same
-fused FFN layout and kernel as (b) but no MeKi, which shows what the layout alone is worth. Runs
-are interleaved in rotating order; medians of >= 5. Random weights: speed does not depend on their
-values.
+"""Batch-1 greedy decoding on this machine, as speed ratios with 95% confidence intervals.
+
+Arms: (a) "dense", the dense model with the same RAM architecture as transformers builds it;
+(b) "meki", the MeKi deploy bundle with its table on storage and the fused decode path (its table's
+page cache warm: dropped once before the warm-up, so the timed runs find the rows the prompt reads
+cached); (c) "dense_fused", the control: (a) with the same fused FFN layout and kernel as (b) but no
+MeKi, which shows what the layout alone is worth; (d) "unfolded", the training form (optional).
+And a cold sub-series: "meki_cold", the bundle with the table's page cache dropped before every one
+of its runs, paired with its own dense and dense_fused runs.
+
+Method. A round runs every arm once on the same prompt, `new_tokens` tokens each, in an order that
+alternates and rotates from round to round (ABC, CBA, BCA, ACB, ...): each arm sits in every
+position and each pair of arms comes in both orders equally often. Before each run the arm's weights
+are copied into fresh allocations (rehome_weights: placement alone moved one model's speed by up to
+4%). Per round the ratios meki/dense and meki/dense_fused (tok/s over tok/s, the same round) are
+taken; each ratio is reported as the geometric mean over rounds with a t-interval on the log ratios
+(`paired_ratio_ci`). Rounds continue past `min_pairs` until both CI half-widths are <=
+`target_halfwidth`, or `max_pairs` rounds, or `max_seconds`; the result records which fired.
+Random weights: speed does not depend on their values. The bundle is loaded as deployed, every
+table row verified against its checksum on fetch (load_bundle's verify_rows).
 
 Memory figures come from separate child processes (one per arm), so neither arm's allocations
 pollute the other's: anonymous RSS after loading and generating, and the table's page-cache
@@ -13,15 +27,15 @@ residency (mincore) after generating.
 from __future__ import annotations
 
 import json
+import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -34,20 +48,121 @@ from romscale.rom.pagecache import PAGE, drop_file_cache, release_free_memory, r
 from romscale.rom.runtime import export_bundle, load_bundle
 from romscale.rom.table import TABLE_FILE
 
+STOP_REASONS = ("target_halfwidth", "max_pairs", "max_seconds")
+
 
 @dataclass
 class DecodeBenchConfig:
     preset: str = "smollm2-135m"
+    """Model shape (romscale.meki.presets); random weights."""
     d_mem: int = 72
+    """MeKi memory width of the bundle."""
     new_tokens: int = 32
-    memory_tokens: int = 256  # generated in the memory probes
-    runs: int = 9
+    """Tokens generated in every timed run (greedy, batch 1)."""
+    memory_tokens: int = 256
+    """Tokens generated in the memory probes (child processes)."""
+    min_pairs: int = 10
+    """Rounds run before the stop rule is consulted (>= 2: a t-interval needs two)."""
+    max_pairs: int = 60
+    """Most warm rounds; stops the series if the CIs have not narrowed to target_halfwidth."""
+    target_halfwidth: float = 0.015
+    """Stop once the 95% CI half-widths of meki/dense and meki/dense_fused are both at most this
+    (a fraction of the ratio: 0.015 is +-1.5%)."""
+    max_seconds: float | None = None
+    """Wall-clock budget of the warm series (checked after each round, once min_pairs are done);
+    None: no limit. The cold sub-series runs its cold_rounds in addition."""
+    cold_rounds: int = 10
+    """Rounds of the cold sub-series (dense, dense_fused, meki_cold; the table's page cache dropped
+    before each meki_cold run); 0 skips it, else >= 2."""
+    unfolded: bool = True
+    """Time the unfolded training form in every warm round (one more run per round)."""
+    confidence: float = 0.95
+    """Confidence level of the intervals."""
     prompt_len: int = 8
     table_dtype: str = "fp16"
     prefetch: bool = False
+    """load_bundle's prefetch (read the whole table into the page cache up front)."""
     fused: bool = True
+    """Use the fused FFN + MeKi decode path for the bundle (the dense_fused control always is)."""
     seed: int = 0
     threads: int | None = None
+    """torch threads; None: torch's default."""
+
+    def validate(self) -> None:
+        if self.min_pairs < 2:
+            raise ValueError("min_pairs must be >= 2 (a confidence interval needs two rounds)")
+        if self.max_pairs < self.min_pairs:
+            raise ValueError(f"max_pairs ({self.max_pairs}) must be >= min_pairs ({self.min_pairs})")
+        if not 0 < self.target_halfwidth < 1:
+            raise ValueError("target_halfwidth is a fraction of the ratio, between 0 and 1 (e.g. 0.015)")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError("max_seconds must be positive (or None for no limit)")
+        if self.cold_rounds != 0 and self.cold_rounds < 2:
+            raise ValueError("cold_rounds must be 0 (no cold sub-series) or >= 2")
+        if not 0 < self.confidence < 1:
+            raise ValueError("confidence must be between 0 and 1")
+        if self.new_tokens < 1 or self.memory_tokens < 1 or self.prompt_len < 1:
+            raise ValueError("new_tokens, memory_tokens and prompt_len must be >= 1")
+
+
+def paired_ratio_ci(num_speeds: Sequence[float], den_speeds: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Geometric mean of the paired ratios num[i] / den[i] and its t-interval.
+
+    The interval is mean(log r) +- t_{(1+confidence)/2, n-1} * sd(log r) / sqrt(n), mapped back with
+    exp: ci_low <= ratio <= ci_high, asymmetric around the ratio. `halfwidth` is exp(t * se) - 1,
+    the larger relative distance from the ratio to either end (ci_high / ratio - 1); the interval
+    lies within ratio * (1 +- halfwidth)."""
+    from scipy.stats import t as t_dist
+
+    if len(num_speeds) != len(den_speeds):
+        raise ValueError(f"paired series of different lengths: {len(num_speeds)} and {len(den_speeds)}")
+    n = len(num_speeds)
+    if n < 2:
+        raise ValueError("a confidence interval needs at least two pairs")
+    if not all(v > 0 and math.isfinite(v) for v in (*num_speeds, *den_speeds)):
+        raise ValueError("speeds must be positive and finite")
+    logs = [math.log(a / b) for a, b in zip(num_speeds, den_speeds)]
+    mean = sum(logs) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (n - 1))
+    se = sd / math.sqrt(n)
+    half_log = float(t_dist.ppf((1 + confidence) / 2, n - 1)) * se
+    return {
+        "ratio": math.exp(mean),
+        "ci_low": math.exp(mean - half_log),
+        "ci_high": math.exp(mean + half_log),
+        "halfwidth": math.expm1(half_log),
+        "n": n,
+        "confidence": confidence,
+        "log_sd": sd,
+        "per_round": [math.exp(x) for x in logs],
+    }
+
+
+def round_order(names: Sequence[str], r: int) -> list[str]:
+    """The arms' order in round r: rotated by r // 2, reversed in odd rounds (ABC, CBA, BCA, ACB,
+    CAB, BAC for three). Over 2k rounds each of k arms runs in every position twice, and each pair
+    of arms in both orders: the first run after a model switch was measurably slower on a shared VM,
+    and a fixed order would charge that to one arm."""
+    k = (r // 2) % len(names)
+    order = list(names[k:]) + list(names[:k])
+    return order[::-1] if r % 2 else order
+
+
+def stop_reason(cis: Sequence[dict[str, Any]], rounds: int, seconds: float, cfg: DecodeBenchConfig) -> str | None:
+    """Which stop condition holds after `rounds` rounds (None: run another round)."""
+    if rounds < cfg.min_pairs:
+        return None
+    if all(ci["halfwidth"] <= cfg.target_halfwidth for ci in cis):
+        return "target_halfwidth"
+    if rounds >= cfg.max_pairs:
+        return "max_pairs"
+    if cfg.max_seconds is not None and seconds >= cfg.max_seconds:
+        return "max_seconds"
+    return None
+
+
+def _geomean(xs: Sequence[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
 def _prompt(cfg: DecodeBenchConfig, vocab: int) -> torch.Tensor:
@@ -78,7 +193,8 @@ def _build(cfg: DecodeBenchConfig, arm: str):
 
 
 def _load_bundle(cfg: DecodeBenchConfig, path: Path):
-    bundle = load_bundle(path, prefetch=cfg.prefetch)
+    # verify_rows: every row checked against its checksum on fetch, as a deployed bundle runs.
+    bundle = load_bundle(path, prefetch=cfg.prefetch, verify_rows=True)
     if cfg.fused:
         fuse_meki_ffn(bundle.model)
     return bundle
@@ -88,7 +204,8 @@ def rehome_weights(model):
     """Copy every weight into a fresh allocation, in module order. On the reference VM exact copies
     of one model decoded up to 4% apart (benchmarks/placement_bias.py): where the weights land in
     memory matters as much as the effect measured. The benchmark re-places every arm before each
-    timed run, so a median is over placements, not one lucky or unlucky allocation."""
+    timed run, so each round's speeds (and the ratios over rounds) span placements, not one lucky or
+    unlucky allocation."""
     with torch.no_grad():
         for module in model.modules():
             for name, param in module.named_parameters(recurse=False):
@@ -100,12 +217,23 @@ def rehome_weights(model):
     return model
 
 
-def _touched_bytes(ids: torch.Tensor, row_bytes: int, header: int) -> int:
-    """Bytes of whole pages spanned by the rows of the distinct tokens in `ids`."""
+def _touched_bytes(ids: torch.Tensor, manifest: dict[str, Any]) -> int:
+    """Bytes of the table file's whole pages that reading the rows of the distinct tokens in `ids`
+    touches: each token's row of every per-token tensor (table, int8 scales), and all of the row
+    checksums ("row_crc32"), which opening the table reads and checks in full."""
     pages: set[int] = set()
-    for tok in torch.unique(ids).tolist():
-        start = header + tok * row_bytes
-        pages.update(range(start // PAGE, (start + row_bytes - 1) // PAGE + 1))
+
+    def span(start: int, stop: int) -> None:
+        pages.update(range(start // PAGE, (stop - 1) // PAGE + 1))
+
+    toks = torch.unique(ids).tolist()
+    for name, e in manifest["tensors"].items():
+        base = manifest["header_bytes"] + e["data_offsets"][0]
+        if name == "row_crc32":
+            span(base, manifest["header_bytes"] + e["data_offsets"][1])
+            continue
+        for tok in toks:
+            span(base + tok * e["row_bytes"], base + (tok + 1) * e["row_bytes"])
     return len(pages) * PAGE
 
 
@@ -131,13 +259,7 @@ def memory_probe(cfg: DecodeBenchConfig, arm: str, bundle_dir: Path | None) -> d
     drop_file_cache(bundle_dir / TABLE_FILE)
     bundle = _load_bundle(cfg, bundle_dir)
     out = _generate(bundle.model, prompt, cfg.memory_tokens)
-    m = bundle.table.manifest
-    row_bytes = m["tensors"]["table"]["row_bytes"]
-    header = m["header_bytes"] + m["tensors"]["table"]["data_offsets"][0]
-    touched = _touched_bytes(out, row_bytes, header)
-    if "scales" in m["tensors"]:
-        e = m["tensors"]["scales"]
-        touched += _touched_bytes(out, e["row_bytes"], m["header_bytes"] + e["data_offsets"][0])
+    touched = _touched_bytes(out, bundle.table.manifest)
     return {
         **_rss_after_generate(),
         "table_resident_bytes": bundle.table.resident_bytes(),
@@ -161,71 +283,129 @@ def _probe_in_child(cfg: DecodeBenchConfig, arm: str, bundle_dir: Path) -> dict[
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _series(
+    arms: dict[str, Any], names: Sequence[str], pairs: Sequence[tuple[str, str]], cfg: DecodeBenchConfig,
+    prompt: torch.Tensor, before_run, log, label: str, rounds: int | None = None,
+) -> dict[str, Any]:
+    """Rounds of every arm in `names` once (round_order), until stop_reason fires, or for exactly
+    `rounds` rounds if given. `pairs`: the (numerator, denominator) arms of the ratios;
+    `before_run(name)` runs after the arm's weights are re-placed, right before its timed run."""
+    speeds: dict[str, list[float]] = {k: [] for k in names}
+    orders: list[list[str]] = []
+    cis: dict[str, dict[str, Any]] = {}
+    start = time.perf_counter()
+    reason = None
+    while reason is None:
+        order = round_order(names, len(orders))
+        for name in order:
+            rehome_weights(arms[name])
+            before_run(name)
+            speeds[name].append(_timed(arms[name], prompt, cfg.new_tokens))
+        orders.append(order)
+        n = len(orders)
+        if n >= 2:
+            cis = {f"{a}/{b}": paired_ratio_ci(speeds[a], speeds[b], cfg.confidence) for a, b in pairs}
+        if rounds is None:
+            reason = stop_reason(list(cis.values()), n, time.perf_counter() - start, cfg)
+        elif n >= rounds:
+            reason = "rounds"
+        ci_text = "".join(f", {k} {c['ratio']:.3f} +-{c['halfwidth']:.1%}" for k, c in cis.items())
+        log(f"{label} round {n}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in speeds.items()) + f" tok/s{ci_text}")
+    return {"speeds": speeds, "orders": orders, "cis": cis, "stop": reason, "seconds": time.perf_counter() - start}
+
+
 def bench_decode(cfg: DecodeBenchConfig, workdir: Path | None = None, log=print) -> dict[str, Any]:
-    if cfg.runs < 5:
-        raise ValueError("runs must be >= 5 (medians of at least 5 runs)")
+    cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tmp = tempfile.TemporaryDirectory(prefix="romscale-bench-", dir=workdir)
     bundle_dir = Path(tmp.name) / "bundle"
+    table_file = bundle_dir / TABLE_FILE
     try:
         log(f"building and exporting {cfg.preset} with d_mem={cfg.d_mem} ({cfg.table_dtype} table) ...")
         folded = fold(_build(cfg, "meki"))
         export_bundle(folded, bundle_dir, dtype=cfg.table_dtype)
         del folded
-        dense, unfolded = _build(cfg, "dense"), _build(cfg, "meki")
+        dense = _build(cfg, "dense")
         dense_fused = _build(cfg, "dense")
         fuse_dense_ffn(dense_fused)
+        unfolded = _build(cfg, "meki") if cfg.unfolded else None
         bundle = _load_bundle(cfg, bundle_dir)
         prompt = _prompt(cfg, get_preset(cfg.preset).vocab)
-        # "meki": the table's page cache is dropped once before the timed series; "meki_cold":
-        # dropped before every one of its runs, so each run reads its rows from storage again.
-        arms = {
-            "dense": dense,
-            "meki": bundle.model,
-            "meki_cold": bundle.model,
-            "dense_fused": dense_fused,
-            "unfolded": unfolded,
-        }
-        for model in (dense, bundle.model, dense_fused, unfolded):  # warm-up (allocator, first-call paths)
+        arms = {"dense": dense, "dense_fused": dense_fused, "meki": bundle.model}
+        if unfolded is not None:
+            arms["unfolded"] = unfolded
+        # "meki" is the warm arm: the cache is dropped once, before the warm-up, which reads the
+        # prompt's rows from storage; every timed run then finds the rows it reads cached.
+        drop_file_cache(table_file)
+        for model in arms.values():  # warm-up (allocator, first-call paths)
             _timed(model, prompt, 4)
-        drop_file_cache(bundle_dir / TABLE_FILE)
-        speeds: dict[str, list[float]] = {k: [] for k in arms}
-        names = list(arms)
-        for r in range(cfg.runs):
-            # Rotate the order every run: on a shared VM, the first run after a model switch was
-            # measurably slower, and a fixed order would charge that to one arm.
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                rehome_weights(arms[name])
-                if name == "meki_cold":
-                    drop_file_cache(bundle_dir / TABLE_FILE)
-                speeds[name].append(_timed(arms[name], prompt, cfg.new_tokens))
-            log(f"run {r + 1}/{cfg.runs}: " + ", ".join(f"{k} {v[-1]:.2f} tok/s" for k, v in speeds.items()))
+        warm = _series(
+            arms, list(arms), [("meki", "dense"), ("meki", "dense_fused")], cfg, prompt, lambda name: None,
+            log, "warm",
+        )
+        cold, cold_arms = None, {}
+        if cfg.cold_rounds:
+            cold_arms = {"dense": dense, "dense_fused": dense_fused, "meki_cold": bundle.model}
+
+            def drop_before_meki(name: str) -> None:
+                if name == "meki_cold":  # after rehome_weights, right before the timed run
+                    drop_file_cache(table_file)
+
+            cold = _series(
+                cold_arms, list(cold_arms), [("meki_cold", "dense"), ("meki_cold", "dense_fused")], cfg, prompt,
+                drop_before_meki, log, "cold", rounds=cfg.cold_rounds,
+            )
         table_bytes = bundle.table.table_bytes
         read_per_token = bundle.table.row_bytes
         bundle.close()
-        del arms, dense, dense_fused, unfolded, bundle
+        del arms, cold_arms, dense, dense_fused, unfolded, bundle  # the probes run in children
         log("memory probes (child processes) ...")
         mem_dense = _probe_in_child(cfg, "dense", bundle_dir)
         mem_meki = _probe_in_child(cfg, "meki", bundle_dir)
     finally:
         tmp.cleanup()
-    med = {k: statistics.median(v) for k, v in speeds.items()}
+    ws = warm["speeds"]
+    ratios = {
+        "meki_over_dense": warm["cis"]["meki/dense"],
+        "meki_over_dense_fused": warm["cis"]["meki/dense_fused"],
+    }
+    if cfg.unfolded:
+        ratios["unfolded_over_dense"] = paired_ratio_ci(ws["unfolded"], ws["dense"], cfg.confidence)
+    if cold is not None:
+        ratios["cold_meki_over_dense"] = cold["cis"]["meki_cold/dense"]
+        ratios["cold_meki_over_dense_fused"] = cold["cis"]["meki_cold/dense_fused"]
     touched = mem_meki["touched_rows_bytes"]
+    cold_gm = {k: _geomean(v) for k, v in cold["speeds"].items()} if cold is not None else {}
+
+    def r(key: str) -> float | None:
+        return ratios[key]["ratio"] if key in ratios else None
+
     return {
         "config": asdict(cfg),
-        "dense_tok_s": med["dense"],
-        "meki_tok_s": med["meki"],
-        "unfolded_tok_s": med["unfolded"],
-        "meki_cold_tok_s": med["meki_cold"],
-        "dense_fused_tok_s": med["dense_fused"],
-        "ratio": med["meki"] / med["dense"],
-        "ratio_cold": med["meki_cold"] / med["dense"],
-        # Median over runs of (MeKi / dense) in the same run round: robust to slow machine drift.
-        "ratio_paired_median": statistics.median(m / d for m, d in zip(speeds["meki"], speeds["dense"])),
-        "unfolded_ratio": med["unfolded"] / med["dense"],
-        # MeKi against the control with the same fused FFN layout and kernel: the branch's own cost.
-        "ratio_vs_dense_fused": med["meki"] / med["dense_fused"],
+        # Per-arm speeds: geometric means over the warm rounds, so that meki_tok_s / dense_tok_s is
+        # `ratio` (the geometric mean of the paired ratios); the cold arm's over the cold rounds.
+        "dense_tok_s": _geomean(ws["dense"]),
+        "meki_tok_s": _geomean(ws["meki"]),
+        "dense_fused_tok_s": _geomean(ws["dense_fused"]),
+        "unfolded_tok_s": _geomean(ws["unfolded"]) if cfg.unfolded else None,
+        "meki_cold_tok_s": cold_gm.get("meki_cold"),
+        "ratio": r("meki_over_dense"),
+        "ratio_vs_dense_fused": r("meki_over_dense_fused"),
+        "ratio_cold": r("cold_meki_over_dense"),
+        "ratio_cold_vs_dense_fused": r("cold_meki_over_dense_fused"),
+        "unfolded_ratio": r("unfolded_over_dense"),
+        "ratios": ratios,  # each: ratio, ci_low, ci_high, halfwidth, n, confidence, log_sd, per_round
+        "rounds": len(warm["orders"]),
+        "stop_reason": warm["stop"],  # one of STOP_REASONS
+        "series_seconds": round(warm["seconds"], 1),
+        "speeds_tok_s": ws,  # per arm, one entry per warm round
+        "orders": warm["orders"],  # the arms' order in each warm round
+        "cold_rounds": len(cold["orders"]) if cold is not None else 0,
+        "cold_speeds_tok_s": cold["speeds"] if cold is not None else {},
+        "cold_orders": cold["orders"] if cold is not None else [],
+        "cold_series_seconds": round(cold["seconds"], 1) if cold is not None else 0.0,
+        "verify_rows": True,  # the bundle checked every table row on fetch (load_bundle)
         "fused_kernel": ffn_kernel() is not None,
         "table_bytes": table_bytes,
         "read_bytes_per_token": read_per_token,
@@ -236,10 +416,41 @@ def bench_decode(cfg: DecodeBenchConfig, workdir: Path | None = None, log=print)
         "rss_delta_bytes": mem_meki["rss_anon_bytes"] - mem_dense["rss_anon_bytes"],
         "rss_delta_over_table": (mem_meki["rss_anon_bytes"] - mem_dense["rss_anon_bytes"]) / table_bytes,
         "rss_delta_trimmed_bytes": mem_meki["rss_anon_bytes_trimmed"] - mem_dense["rss_anon_bytes_trimmed"],
-        "speeds_tok_s": speeds,
         "memory_tokens": cfg.memory_tokens,
         "threads": torch.get_num_threads(),
     }
+
+
+def _ci_cell(ci: dict[str, Any] | None) -> str:
+    return "-" if ci is None else f"{ci['ratio']:.3f} [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]"
+
+
+def results_table(results: Sequence[dict[str, Any]], title: str = "batch-1 greedy decode"):
+    """A rich Table of bench_decode results, one row per result: speeds (geometric means over
+    rounds), the ratios with their confidence intervals, and the memory figures."""
+    from rich.table import Table
+
+    conf = results[0]["config"]["confidence"] if results else 0.95
+    table = Table(title=title, caption=f"ratios: geometric mean of per-round ratios [{conf:.0%} CI]")
+    cols = (
+        "d_mem", "rounds (stop)", "dense tok/s", "dense fused tok/s", "MeKi tok/s", "MeKi / dense", "MeKi / dense fused",
+        "cold MeKi / dense (rounds)", "cold MeKi / dense fused", "unfolded tok/s", "table MiB", "resident/touched",
+        "RSS delta / table",
+    )
+    for col in cols:
+        table.add_column(col, justify="right")
+    for r in results:
+        ratios = r["ratios"]
+        table.add_row(
+            str(r["config"]["d_mem"]), f"{r['rounds']} ({r['stop_reason']})", f"{r['dense_tok_s']:.2f}",
+            f"{r['dense_fused_tok_s']:.2f}", f"{r['meki_tok_s']:.2f}", _ci_cell(ratios["meki_over_dense"]),
+            _ci_cell(ratios["meki_over_dense_fused"]),
+            _ci_cell(ratios.get("cold_meki_over_dense")) + (f" ({r['cold_rounds']})" if r["cold_rounds"] else ""),
+            _ci_cell(ratios.get("cold_meki_over_dense_fused")),
+            "-" if r["unfolded_tok_s"] is None else f"{r['unfolded_tok_s']:.2f}",
+            f"{r['table_bytes'] / 2**20:.1f}", f"{r['resident_over_touched']:.2f}", f"{r['rss_delta_over_table']:.3%}",
+        )
+    return table
 
 
 if __name__ == "__main__":  # child-process entry for memory_probe

@@ -116,6 +116,10 @@ def _install_hooks(model: nn.Module, state: MekiState, embedding: nn.Embedding) 
                 "a MeKi model needs token ids on every call: pass input_ids, not inputs_embeds "
                 "(the memory rows are addressed by token id)"
             )
+        vocab = embedding.num_embeddings
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            bad = ids[(ids < 0) | (ids >= vocab)].flatten()[0].item()
+            raise RomscaleError(f"token id {bad} is out of range for this model's vocabulary of {vocab} (tokenizer and model do not match?)")
         state.ids = ids
         state.rows = state.row_source(ids) if state.row_source is not None else None
 

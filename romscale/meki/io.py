@@ -2,47 +2,53 @@
 model.safetensors, for the training form and the folded form alike. No pickle anywhere.
 
 The folder keeps Hugging Face's names (config.json, model.safetensors, tokenizer files) and the
-base model's tensor names, so the base part stays readable by other tools.
+base model's tensor names, so the base part stays readable by other tools. Its romscale_manifest.json
+(romscale.utils.outputs) lists every file with its size and sha256: config.json and the tokenizer
+change behaviour as much as the weights do.
+
+Loading trusts nothing before it is checked: the manifest first (exact file list, sizes, hashes),
+then the model is built on the meta device (nothing allocated, no random initialisation) and every
+tensor's name, shape and dtype in the safetensors header is compared with what config.json implies;
+only then are the weights read, straight into the model.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from romscale.errors import CheckpointError
 from romscale.meki.attach import MEKI_CONFIG_KEY, attach_meki, meki_state
 from romscale.meki.config import MekiConfig
-from romscale.utils.atomic import atomic_dir, atomic_write_json, read_json
+from romscale.utils.outputs import MANIFEST, member, output_dir, read_json, read_manifest
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-MANIFEST_FILE = "romscale_manifest.json"
-FORMAT_TAG = "romscale.meki"
-FORMAT_VERSION = 1
+MANIFEST_FILE = MANIFEST
+CHECKPOINT_KIND = "meki-checkpoint"
+BUNDLE_KIND = "meki-bundle"  # a deploy bundle: this folder's RAM part plus a ROM table (romscale.rom)
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
-def _sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+def save_meki(
+    model: nn.Module, path: str | Path, tokenizer=None, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()
+) -> Path:
+    """Write `model` (training or folded form) to the new folder `path`, crash-safely.
 
-
-def save_meki(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
-    """Write `model` (training or folded form) to the folder `path`, atomically."""
-    path = Path(path)
-    with atomic_dir(path) as tmp:
-        write_checkpoint(model, tmp, tokenizer)
-    return path
+    An existing `path` is replaced only if it is a romscale MeKi checkpoint and `overwrite` is
+    True; `inputs` (e.g. the folder the model came from) can never be written over or into."""
+    state = meki_state(model)
+    if state is None:
+        raise CheckpointError(f"cannot save to {path}: the model has no MeKi attached")
+    with output_dir(path, kind=CHECKPOINT_KIND, inputs=inputs, overwrite=overwrite, meta={"folded": state.folded}) as out:
+        write_checkpoint(model, out.path, tokenizer)
+    return Path(path)
 
 
 def _ram_tensors(model: nn.Module, skip_tables: bool) -> dict[str, torch.Tensor]:
@@ -61,7 +67,8 @@ def _ram_tensors(model: nn.Module, skip_tables: bool) -> dict[str, torch.Tensor]
 
 
 def write_checkpoint(model: nn.Module, folder: Path, tokenizer=None, skip_tables: bool = False) -> None:
-    """Write config.json, model.safetensors and the manifest into an existing folder.
+    """Write config.json, model.safetensors (and the tokenizer) into `folder`, which the caller
+    owns (an output_dir's temporary folder: it adds the manifest).
 
     `skip_tables`: leave the folded tables out and mark them external (the RAM part of a deploy
     bundle, whose tables go to a ROM file).
@@ -71,53 +78,26 @@ def write_checkpoint(model: nn.Module, folder: Path, tokenizer=None, skip_tables
         raise CheckpointError(f"cannot save to {folder}: the model has no MeKi attached")
     if skip_tables and not state.folded:
         raise CheckpointError("only a folded model has tables to keep apart; call fold(model) first")
-    model.config.save_pretrained(folder)
-    if skip_tables:
-        cfg = json.loads((folder / CONFIG_FILE).read_text())
-        cfg[MEKI_CONFIG_KEY]["tables"] = "external"
-        atomic_write_json(folder / CONFIG_FILE, cfg)
-    weights = folder / WEIGHTS_FILE
-    save_file(_ram_tensors(model, skip_tables), str(weights), metadata={"format": "pt", "producer": FORMAT_TAG})
+    cfg = model.config.to_dict()
+    cfg[MEKI_CONFIG_KEY] = {**cfg[MEKI_CONFIG_KEY], "tables": "external" if skip_tables else "inline"}
+    cfg.pop("quantization_config", None)  # a GGUF origin's de-quantised weights are plain tensors now
+    (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    save_file(_ram_tensors(model, skip_tables), str(folder / WEIGHTS_FILE), metadata={"format": "pt", "producer": "romscale.meki"})
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    # safetensors has no checksum of its own: a flipped byte in the data would load silently.
-    atomic_write_json(
-        folder / MANIFEST_FILE,
-        {
-            "format": FORMAT_TAG,
-            "version": FORMAT_VERSION,
-            "folded": state.folded,
-            "files": {WEIGHTS_FILE: {"bytes": weights.stat().st_size, "sha256": _sha256(weights)}},
-        },
-    )
 
 
-def _check_manifest(path: Path) -> None:
-    file = path / MANIFEST_FILE
-    manifest = read_json(file, CheckpointError, "was this folder written by romscale's save_meki?")
-    try:
-        version, files = manifest["version"], manifest["files"]
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{file} is not a valid romscale manifest: {exc}") from exc
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{file}: unknown format version {version!r}; this romscale reads version {FORMAT_VERSION}")
-    for name, entry in files.items():
-        target = path / name
-        if not target.is_file():
-            raise CheckpointError(f"{target} is missing (listed in {file})")
-        if target.stat().st_size != entry["bytes"]:
-            raise CheckpointError(
-                f"{target} has {target.stat().st_size} bytes, the manifest says {entry['bytes']}: truncated or replaced"
-            )
-        if _sha256(target) != entry["sha256"]:
-            raise CheckpointError(f"{target} does not match its sha256 in {file}: the file is corrupt")
+def read_config(path: Path, kinds: tuple[str, ...] = (CHECKPOINT_KIND, BUNDLE_KIND), skip_hash: Iterable[str] = ()):
+    """Check the folder's manifest, then parse config.json. Returns (manifest, hf_cfg, meki_cfg,
+    folded, external). Nothing is allocated."""
+    from transformers import CONFIG_MAPPING
 
-
-def _read_config(path: Path):
-    cfg_file = path / CONFIG_FILE
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a folder; expected a MeKi checkpoint folder")
-    raw = read_json(cfg_file, CheckpointError, f"a MeKi checkpoint folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    path = Path(path)
+    manifest = read_manifest(path, kinds, CheckpointError, skip_hash=skip_hash)
+    cfg_file = member(path, CONFIG_FILE, CheckpointError, str(path / MANIFEST_FILE))
+    raw = read_json(cfg_file, CheckpointError)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object (a Hugging Face config)")
     section = raw.get(MEKI_CONFIG_KEY)
     if not isinstance(section, dict):
         raise CheckpointError(f"{cfg_file} has no '{MEKI_CONFIG_KEY}' section: it is not a MeKi checkpoint")
@@ -128,23 +108,47 @@ def _read_config(path: Path):
         raise CheckpointError(f"{cfg_file}: '{MEKI_CONFIG_KEY}.tables' must be 'inline' or 'external', got {tables!r}")
     if not isinstance(folded, bool):
         raise CheckpointError(f"{cfg_file}: '{MEKI_CONFIG_KEY}.folded' must be true or false, got {folded!r}")
+    if (manifest["kind"] == BUNDLE_KIND) != (tables == "external") or manifest.get("folded", folded) != folded:
+        raise CheckpointError(f"{cfg_file} contradicts {path / MANIFEST_FILE} (kind {manifest['kind']}, tables {tables}, folded {folded})")
     try:
         meki_cfg = MekiConfig.from_dict(section)
-        hf_cfg = AutoConfig.from_pretrained(path)
-    except (ValueError, TypeError, KeyError) as exc:
+        model_type = raw.get("model_type")
+        if not isinstance(model_type, str):
+            raise ValueError("'model_type' is missing")
+        if model_type not in CONFIG_MAPPING:
+            raise ValueError(f"unknown model_type {model_type!r}")
+        hf_cfg = CONFIG_MAPPING[model_type].from_dict({k: v for k, v in raw.items() if k != MEKI_CONFIG_KEY})
+    except Exception as exc:  # transformers raises ValueError/KeyError/TypeError for a bad config
         raise CheckpointError(f"{cfg_file} is not a valid config: {exc}") from exc
-    return hf_cfg, meki_cfg, folded, tables == "external"
+    return manifest, hf_cfg, meki_cfg, folded, tables == "external"
 
 
-def _check_weights(file: Path, model: nn.Module) -> None:
-    """Compare the file's tensor names and shapes with the model's before trusting its data."""
-    if not file.is_file():
-        raise CheckpointError(f"{file} is missing")
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def build_empty(hf_cfg, meki_cfg: MekiConfig, folded: bool, external: bool) -> nn.Module:
+    """The model with every parameter on the meta device (no memory, no random init); buffers that
+    the modules compute themselves (rotary frequencies) are real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from romscale.errors import RomscaleError
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(hf_cfg)
+            attach_meki(model, meki_cfg, folded=folded, external=external)
+    except RomscaleError as exc:
+        raise CheckpointError(str(exc)) from exc
+    except Exception as exc:
+        raise CheckpointError(f"config.json describes a model that cannot be built: {exc}") from exc
+    return model
+
+
+def check_weights(file: Path, model: nn.Module) -> None:
+    """Compare the file's tensor names, shapes and dtypes with the (meta) model before reading data."""
+    expected = model.state_dict(keep_vars=True)
     try:
         with safe_open(str(file), framework="pt") as f:
-            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
+            found = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {exc}") from exc
     unexpected = sorted(set(found) - set(expected))
     if unexpected:
@@ -152,42 +156,51 @@ def _check_weights(file: Path, model: nn.Module) -> None:
             f"{file} holds tensors this model does not have, e.g. {unexpected[:3]}; "
             "does config.json (incl. its 'meki' section and 'folded' flag) belong to these weights?"
         )
-    for k, shape in found.items():
-        if shape != expected[k]:
+    for k, (shape, dtype) in found.items():
+        if shape != tuple(expected[k].shape):
             raise CheckpointError(
-                f"{file}: tensor {k} has shape {shape} but config.json implies {expected[k]} "
+                f"{file}: tensor {k} has shape {shape} but config.json implies {tuple(expected[k].shape)} "
                 "(vocabulary size, hidden size or d_mem mismatch)"
             )
+        if dtype not in _ST_DTYPES.values():
+            raise CheckpointError(f"{file}: tensor {k} has dtype {dtype}; expected a floating dtype (F32, F16, BF16)")
     missing = [k for k in expected if k not in found and not _is_tied_duplicate(model, k, found)]
     if missing:
         raise CheckpointError(f"{file} lacks tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
 
 
 def _is_tied_duplicate(model: nn.Module, key: str, found: dict) -> bool:
-    """True when `key` shares storage with a tensor present in the file (tied embeddings)."""
-    sd = model.state_dict()
-    ptr = sd[key].data_ptr()
-    return any(k in found and sd[k].data_ptr() == ptr for k in sd if k != key)
+    """True when `key` is tied to a tensor present in the file (tied embeddings): transformers'
+    own tie map (target -> source), read in both directions as its loader does."""
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    return tied.get(key) in found or any(src == key and tgt in found for tgt, src in tied.items())
 
 
-def load_meki(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+def materialize(model: nn.Module, file: Path, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
+    """Read the checked weights into the meta-built model (assigning, not copying into random init)."""
+    try:
+        tensors = load_file(str(file), device=str(device))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{file} could not be read (truncated or corrupt?): {exc}") from exc
+    tensors = {k: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for k, t in tensors.items()}
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if left:
+        raise CheckpointError(f"{file} left parameters unset: {left[:3]}")
+    return model.to(device=device, dtype=dtype)
+
+
+def load_meki(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *, _skip_hash: Iterable[str] = ()
+) -> nn.Module:
     """Load a folder written by `save_meki`: the same form (training or folded), identical logits.
 
     A deploy bundle's RAM part loads in the external form; use romscale.rom.runtime.load_bundle to
     connect its ROM table."""
     path = Path(path)
-    hf_cfg, meki_cfg, folded, external = _read_config(path)
-    _check_manifest(path)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
-    attach_meki(model, meki_cfg, folded=folded, external=external)
-    file = path / WEIGHTS_FILE
-    _check_weights(file, model)
-    try:
-        missing, unexpected = load_model(model, str(file), strict=False, device=str(device))
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{file} could not be read (truncated or corrupt?): {exc}") from exc
-    # load_model reports the tied duplicates it left out as missing; _check_weights vetted the rest.
-    if unexpected:
-        raise CheckpointError(f"{file} holds unexpected tensors {unexpected[:3]}")
-    return model.eval()
+    _, hf_cfg, meki_cfg, folded, external = read_config(path, skip_hash=_skip_hash)
+    model = build_empty(hf_cfg, meki_cfg, folded, external)
+    file = member(path, WEIGHTS_FILE, CheckpointError, str(path / MANIFEST_FILE))
+    check_weights(file, model)
+    return materialize(model, file, dtype, device).eval()

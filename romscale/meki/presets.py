@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen3Config
 
 from romscale.errors import RomscaleError
-from romscale.meki.attach import attach_meki
 from romscale.meki.config import MekiConfig
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,9 @@ class Preset:
     tie_embeddings: bool = True
     note: str = ""
 
-    def base_config(self, vocab_size: int | None = None) -> PretrainedConfig:
+    def base_config(self, vocab_size: int | None = None) -> "PretrainedConfig":
+        from transformers import LlamaConfig, Qwen3Config  # imported here: `romscale meki info` needs no transformers
+
         kwargs = dict(
             vocab_size=vocab_size or self.vocab,
             hidden_size=self.hidden,
@@ -77,6 +82,10 @@ def build_model(
     `device="meta"` allocates nothing (parameter counts of paper-size models). `meki` overrides the
     preset's MeKi config (its d_mem defaults to the preset's).
     """
+    from transformers import AutoModelForCausalLM
+
+    from romscale.meki.attach import attach_meki
+
     p = get_preset(preset)
     if seed is not None:
         torch.manual_seed(seed)

@@ -1,10 +1,13 @@
 """The ROM table file: all layers' folded MeKi tables packed token-major, [|V|, L x d_mem], so one
 token's rows for every layer are one contiguous read.
 
-On disk it is a plain safetensors file (tensor "table", plus "scales" [|V|, L] fp16 for int8), which
-any safetensors tool can open, next to a JSON manifest with what safetensors lacks: format version,
-layout, the MeKi shape it belongs to, and sha256 checksums per block of rows. The reader maps the
-file and reads rows on demand; it never reads the whole table (except `verify`).
+On disk it is a plain safetensors file (tensor "table", plus "scales" [|V|, L] fp16 for int8, plus
+"row_crc32" [|V|]), which any safetensors tool can open, next to a JSON manifest with what
+safetensors lacks: format version, layout, the MeKi shape it belongs to, and sha256 checksums per
+block of rows. The reader maps the file and reads rows on demand; it never reads the whole table
+(except `verify`). Every row is checked when it is read: its CRC-32 (table row, then its int8
+scales) must match "row_crc32", whose own blocks are checked against the manifest when the table is
+opened. A CRC costs ~2 us per 4 KiB row here (zlib, hardware-assisted), next to ~60 ms per token.
 
 We parse the safetensors header ourselves (8-byte little-endian length + JSON, per the published
 spec) because the library exposes no byte offsets, and row-level memory mapping needs them.
@@ -14,9 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,34 +30,73 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from romscale.errors import CheckpointError
-from romscale.utils.atomic import atomic_write_bytes, atomic_write_json, read_json
+from romscale.errors import CheckpointError, RomscaleError
+from romscale.utils.outputs import member, read_json
 
 TABLE_FILE = "rom_tables.safetensors"
 MANIFEST_FILE = "rom_manifest.json"
 FORMAT = "romscale.rom"
-VERSION = 1
+VERSION = 2
 LAYOUT = "token-major [vocab, layers * d_mem]"
 DTYPES = ("fp16", "bf16", "int8")
 _TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 # numpy has no bfloat16: map the bytes as uint16 and reinterpret in torch.
-_NUMPY = {"F16": np.float16, "BF16": np.uint16, "I8": np.int8}
+_NUMPY = {"F16": np.float16, "BF16": np.uint16, "I8": np.int8, "I32": np.int32}
+_ITEM = {"F16": 2, "BF16": 2, "I8": 1, "I32": 4}
 _ST_DTYPE = {"fp16": "F16", "bf16": "BF16", "int8": "I8"}
+FP16_MAX = 65504.0
+_FP16_TINY = 2.0**-24  # smallest positive fp16: an int8 scale must never round to zero
 
 
-def pack_tables(tables: list[torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
-    """[L x (V, d_mem)] float tables -> {"table": (V, L*d_mem)} (+ {"scales": (V, L)} for int8)."""
+class TableRangeError(RomscaleError):
+    """A value the ROM table's dtype cannot hold (NaN, Inf, fp16 overflow) at export."""
+
+
+def _first_bad(stacked: torch.Tensor, bad: torch.Tensor, what: str, layers: list[int]) -> TableRangeError:
+    row, slot = (int(x) for x in bad.nonzero()[0][:2])
+    value = stacked[row, slot][bad[row, slot]][0].item() if bad.dim() == 3 else float("nan")
+    return TableRangeError(f"MeKi table of layer {layers[slot]}, row (token id) {row}: {what} (e.g. {value!r})")
+
+
+def pack_tables(tables: list[torch.Tensor], dtype: str, layers: list[int] | None = None, clamp: bool = False) -> dict[str, torch.Tensor]:
+    """[L x (V, d_mem)] float tables -> {"table": (V, L*d_mem)} (+ {"scales": (V, L)} for int8).
+
+    Values the dtype cannot hold are an error naming the layer and row: NaN always; Inf and fp16
+    overflow unless `clamp`, which saturates them to the dtype's largest finite value."""
     if dtype not in DTYPES:
-        raise CheckpointError(f"ROM table dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        raise RomscaleError(f"ROM table dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     stacked = torch.stack([t.detach().float().cpu() for t in tables], dim=1)  # (V, L, d_mem)
+    layers = layers if layers is not None else list(range(stacked.shape[1]))
     v, n_layers, d_mem = stacked.shape
+    nan = torch.isnan(stacked)
+    if nan.any():
+        raise _first_bad(stacked, nan, "NaN cannot be stored in any table dtype", layers)
+    limit = FP16_MAX if dtype == "fp16" else float(torch.finfo(torch.float32).max) if dtype == "bf16" else FP16_MAX * 127
+    # int8: the per-(row, layer) scale amax/127 is fp16, so |x| must stay under 127 * 65504.
+    over = stacked.abs() > limit
+    if over.any():
+        if not clamp:
+            raise _first_bad(stacked, over, f"beyond the range of {dtype} (|x| <= {limit:g}); pass --clamp (clamp=True) to saturate", layers)
+        stacked = stacked.clamp(-limit, limit)
     if dtype != "int8":
         return {"table": stacked.reshape(v, n_layers * d_mem).to(_TORCH[dtype]).contiguous()}
     # Symmetric int8 with one scale per (token row, layer): rows differ a lot in magnitude.
-    scale = stacked.abs().amax(dim=-1).clamp_min(1e-12) / 127.0  # (V, L)
-    scale16 = scale.to(torch.float16)
+    scale16 = (stacked.abs().amax(dim=-1) / 127.0).clamp(min=_FP16_TINY, max=FP16_MAX).to(torch.float16)  # (V, L)
     q = torch.round(stacked / scale16.float().unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
     return {"table": q.reshape(v, n_layers * d_mem).contiguous(), "scales": scale16.contiguous()}
+
+
+def row_crcs(tensors: dict[str, torch.Tensor]) -> np.ndarray:
+    """CRC-32 of each token's bytes: its table row, then its scales row (int8)."""
+    parts = [t.contiguous().view(torch.uint8).reshape(t.shape[0], -1).numpy()
+             for t in (tensors["table"], tensors.get("scales")) if t is not None]
+    out = np.empty(parts[0].shape[0], dtype=np.uint32)
+    for i in range(out.size):
+        c = 0
+        for p in parts:
+            c = zlib.crc32(p[i], c)
+        out[i] = c
+    return out.view(np.int32)  # safetensors has I32; the bits are what matter
 
 
 def _block_hashes(raw: memoryview | bytes, row_bytes: int, block_rows: int) -> list[str]:
@@ -67,9 +111,13 @@ def write_table(
     layers: list[int],
     meki: dict[str, Any],
     block_rows: int = 4096,
+    clamp: bool = False,
 ) -> dict[str, Any]:
-    """Write TABLE_FILE and MANIFEST_FILE into `out_dir` (each atomically). Returns the manifest."""
-    tensors = pack_tables(tables, dtype)
+    """Write TABLE_FILE and MANIFEST_FILE into `out_dir` (a folder the caller owns). Returns the manifest."""
+    if not isinstance(block_rows, int) or block_rows < 1:
+        raise RomscaleError(f"block_rows must be a positive integer; got {block_rows!r}")
+    tensors = pack_tables(tables, dtype, layers, clamp=clamp)
+    tensors["row_crc32"] = torch.from_numpy(row_crcs(tensors))
     blob = save(tensors, metadata={"format": FORMAT, "layout": LAYOUT})
     header_len = struct.unpack("<Q", blob[:8])[0]
     header = json.loads(blob[8 : 8 + header_len])
@@ -102,22 +150,59 @@ def write_table(
         "header_bytes": 8 + header_len,
         "tensors": entries,
     }
-    atomic_write_bytes(out_dir / TABLE_FILE, bytes(blob))
-    atomic_write_json(out_dir / MANIFEST_FILE, manifest)
+    (out_dir / TABLE_FILE).write_bytes(blob)
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
 
 
+def _positive_int(m: dict, key: str, file: Path) -> int:
+    v = m.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise CheckpointError(f"{file}: '{key}' must be a positive integer; got {v!r}")
+    return v
+
+
 def read_manifest(bundle_dir: Path) -> dict[str, Any]:
+    """Parse and validate the ROM manifest's structure (types, counts, offsets); no file data read."""
     file = bundle_dir / MANIFEST_FILE
     m = read_json(file, CheckpointError, f"a romscale bundle holds {MANIFEST_FILE} and {TABLE_FILE}")
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not a romscale ROM manifest (format {FORMAT!r} expected)")
     if m.get("version") != VERSION:
-        raise CheckpointError(f"{file}: unknown format version {m.get('version')!r}; this romscale reads version {VERSION}")
-    required = ("dtype", "vocab_size", "num_layers", "d_mem", "layers", "block_rows", "file_bytes", "header_bytes", "tensors")
-    missing = [k for k in required if k not in m]
-    if missing or m["dtype"] not in DTYPES or "table" not in m["tensors"]:
-        raise CheckpointError(f"{file} is incomplete or invalid (missing {missing or 'a valid dtype/table entry'})")
+        raise CheckpointError(f"{file}: unknown format version {m.get('version')!r}; this romscale reads version {VERSION} (re-export the bundle)")
+    if m.get("dtype") not in DTYPES:
+        raise CheckpointError(f"{file}: 'dtype' must be one of {', '.join(DTYPES)}; got {m.get('dtype')!r}")
+    for key in ("vocab_size", "num_layers", "d_mem", "block_rows", "file_bytes", "header_bytes"):
+        _positive_int(m, key, file)
+    layers = m.get("layers")
+    if not isinstance(layers, list) or len(layers) != m["num_layers"] or not all(isinstance(i, int) for i in layers):
+        raise CheckpointError(f"{file}: 'layers' must list num_layers={m['num_layers']} layer indices")
+    tensors = m.get("tensors")
+    want = {"table", "row_crc32"} | ({"scales"} if m["dtype"] == "int8" else set())
+    if not isinstance(tensors, dict) or set(tensors) != want:
+        raise CheckpointError(f"{file}: 'tensors' must hold exactly {sorted(want)}; got {sorted(tensors) if isinstance(tensors, dict) else tensors!r}")
+    v, width = m["vocab_size"], m["num_layers"] * m["d_mem"]
+    shapes = {"table": [v, width], "scales": [v, m["num_layers"]], "row_crc32": [v]}
+    dtypes = {"table": _ST_DTYPE[m["dtype"]], "scales": "F16", "row_crc32": "I32"}
+    data_bytes = m["file_bytes"] - m["header_bytes"]
+    for name, e in tensors.items():
+        if not isinstance(e, dict):
+            raise CheckpointError(f"{file}: tensor entry {name!r} must be an object")
+        if e.get("shape") != shapes[name] or e.get("dtype") != dtypes[name]:
+            raise CheckpointError(f"{file}: tensor {name!r} must be {dtypes[name]} {shapes[name]} for vocab/layers/d_mem/dtype; got {e.get('dtype')} {e.get('shape')}")
+        off = e.get("data_offsets")
+        n_bytes = math.prod(shapes[name]) * _ITEM[dtypes[name]]
+        if not (isinstance(off, list) and len(off) == 2 and all(isinstance(x, int) for x in off)
+                and 0 <= off[0] and off[1] - off[0] == n_bytes and off[1] <= data_bytes):
+            raise CheckpointError(f"{file}: tensor {name!r} data_offsets {off!r} do not span its {n_bytes:,} bytes inside the file")
+        row_bytes = n_bytes // v
+        if e.get("row_bytes") != row_bytes:
+            raise CheckpointError(f"{file}: tensor {name!r} row_bytes must be {row_bytes}; got {e.get('row_bytes')!r}")
+        hashes = e.get("block_sha256")
+        n_blocks = -(-v // m["block_rows"])
+        if not isinstance(hashes, list) or len(hashes) != n_blocks or not all(isinstance(h, str) for h in hashes):
+            got = len(hashes) if isinstance(hashes, list) else hashes
+            raise CheckpointError(f"{file}: tensor {name!r} needs {n_blocks} block checksums ({v} rows / {m['block_rows']} per block); got {got!r}")
     return m
 
 
@@ -125,28 +210,35 @@ def read_manifest(bundle_dir: Path) -> dict[str, Any]:
 class _Mapped:
     array: np.ndarray
     torch_dtype: torch.dtype | None  # reinterpretation needed (bf16 stored as uint16)
+    raw: memoryview  # the tensor's bytes, for row checksums
 
 
 class RomTable:
-    """Read-only, memory-mapped access to a ROM table. Rows are read on demand."""
+    """Read-only, memory-mapped access to a ROM table. Rows are read on demand and verified."""
 
-    def __init__(self, bundle_dir: str | Path) -> None:
+    def __init__(self, bundle_dir: str | Path, verify_rows: bool = True) -> None:
         self.dir = Path(bundle_dir)
         self.manifest = m = read_manifest(self.dir)
-        self.path = self.dir / TABLE_FILE
-        if not self.path.is_file():
-            raise CheckpointError(f"{self.path} is missing")
+        self.path = member(self.dir, m.get("file"), CheckpointError, str(self.dir / MANIFEST_FILE))
         size = self.path.stat().st_size
         if size != m["file_bytes"]:
-            raise CheckpointError(f"{self.path} has {size} bytes, the manifest says {m['file_bytes']}: truncated or replaced")
-        self._fd = os.open(self.path, os.O_RDONLY)
+            raise CheckpointError(f"{self.path} has {size:,} bytes, the manifest says {m['file_bytes']:,}: truncated or replaced")
+        self.verify_rows = verify_rows
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         self._mmap = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
         # Random access: don't let the kernel read ahead whole neighbourhoods of unrelated tokens.
         self._mmap.madvise(mmap.MADV_RANDOM)
-        self._check_header()
-        self.vocab_size, self.num_layers, self.d_mem = m["vocab_size"], m["num_layers"], m["d_mem"]
-        self.dtype = m["dtype"]
-        self._arrays = {name: self._map(name) for name in m["tensors"]}
+        self._arrays: dict[str, _Mapped] = {}
+        try:
+            self._check_header()
+            self.vocab_size, self.num_layers, self.d_mem = m["vocab_size"], m["num_layers"], m["d_mem"]
+            self.dtype = m["dtype"]
+            self._arrays = {name: self._map(name) for name in m["tensors"]}
+            self._check_blocks("row_crc32")  # small; every row check relies on it
+            self._crc = self._arrays["row_crc32"].array.view(np.uint32).copy()
+        except BaseException:
+            self.close()
+            raise
 
     def _check_header(self) -> None:
         m = self.manifest
@@ -158,21 +250,16 @@ class RomTable:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{self.path}: corrupt safetensors header: {exc}") from exc
         for name, e in m["tensors"].items():
-            h = header.get(name)
-            if h is None or h.get("dtype") != e["dtype"] or h.get("shape") != e["shape"] or h.get("data_offsets") != e["data_offsets"]:
+            h = header.get(name) if isinstance(header, dict) else None
+            if not isinstance(h, dict) or h.get("dtype") != e["dtype"] or h.get("shape") != e["shape"] or h.get("data_offsets") != e["data_offsets"]:
                 raise CheckpointError(f"{self.path}: tensor {name!r} in the file does not match the manifest ({h} vs {e})")
-        t = m["tensors"]["table"]
-        if t["shape"] != [m["vocab_size"], m["num_layers"] * m["d_mem"]] or t["dtype"] != _ST_DTYPE[m["dtype"]]:
-            raise CheckpointError(f"{self.dir / MANIFEST_FILE}: table entry {t} contradicts vocab/layers/d_mem/dtype")
-        if (m["dtype"] == "int8") != ("scales" in m["tensors"]):
-            raise CheckpointError(f"{self.dir / MANIFEST_FILE}: int8 tables need a 'scales' tensor (and only they)")
 
     def _map(self, name: str) -> _Mapped:
         e = self.manifest["tensors"][name]
         start = self.manifest["header_bytes"] + e["data_offsets"][0]
-        np_dtype = _NUMPY[e["dtype"]]
-        arr = np.frombuffer(self._mmap, dtype=np_dtype, count=int(np.prod(e["shape"])), offset=start).reshape(e["shape"])
-        return _Mapped(arr, torch.bfloat16 if e["dtype"] == "BF16" else None)
+        stop = self.manifest["header_bytes"] + e["data_offsets"][1]
+        arr = np.frombuffer(self._mmap, dtype=_NUMPY[e["dtype"]], count=math.prod(e["shape"]), offset=start).reshape(e["shape"])
+        return _Mapped(arr, torch.bfloat16 if e["dtype"] == "BF16" else None, memoryview(self._mmap)[start:stop])
 
     @property
     def table_bytes(self) -> int:
@@ -181,7 +268,7 @@ class RomTable:
 
     @property
     def row_bytes(self) -> int:
-        """Bytes read per token: its table row (+ its int8 scales)."""
+        """Bytes read per token: its table row (+ its int8 scales, + its 4-byte checksum)."""
         return sum(e["row_bytes"] for e in self.manifest["tensors"].values())
 
     def _take(self, name: str, flat_ids: np.ndarray) -> torch.Tensor:
@@ -189,14 +276,32 @@ class RomTable:
         t = torch.from_numpy(mapped.array[flat_ids])  # fancy indexing copies just these rows
         return t.view(mapped.torch_dtype) if mapped.torch_dtype is not None else t
 
+    def _check_rows(self, flat_ids: np.ndarray) -> None:
+        table = self._arrays["table"].raw
+        rb = self.manifest["tensors"]["table"]["row_bytes"]
+        scales = self._arrays["scales"].raw if "scales" in self._arrays else None
+        sb = self.manifest["tensors"]["scales"]["row_bytes"] if scales is not None else 0
+        for i in np.unique(flat_ids).tolist():
+            c = zlib.crc32(table[i * rb : (i + 1) * rb])
+            if scales is not None:
+                c = zlib.crc32(scales[i * sb : (i + 1) * sb], c)
+            if c != self._crc[i]:
+                raise CheckpointError(f"{self.path}: row {i} (token id {i}) fails its checksum: the table file is corrupt")
+
     def rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """All layers' expert vectors for `ids`: shape ids.shape + (num_layers, d_mem)."""
         flat = ids.reshape(-1).cpu().numpy()
         if flat.size and (flat.min() < 0 or flat.max() >= self.vocab_size):
-            raise CheckpointError(f"token id out of range for the ROM table (vocab {self.vocab_size})")
+            bad = int(flat[(flat < 0) | (flat >= self.vocab_size)][0])
+            raise CheckpointError(f"token id {bad} is out of range for the ROM table {self.path} (vocabulary {self.vocab_size})")
+        if self.verify_rows:
+            self._check_rows(flat)
         rows = self._take("table", flat).to(dtype).view(-1, self.num_layers, self.d_mem)
         if self.dtype == "int8":
             rows = rows * self._take("scales", flat).to(dtype).unsqueeze(-1)
+        if self.verify_rows and not torch.isfinite(rows).all():
+            bad = int(flat[(~torch.isfinite(rows)).flatten(1).any(1).nonzero()[0]].item())
+            raise CheckpointError(f"{self.path}: row {bad} (token id {bad}) holds NaN/Inf values (its int8 scales?): the table is corrupt")
         return rows.view(*ids.shape, self.num_layers, self.d_mem)
 
     def resident_bytes(self) -> int:
@@ -205,22 +310,29 @@ class RomTable:
 
         return resident_bytes(self._mmap)
 
-    def verify(self) -> None:
-        """Check every block checksum; raise CheckpointError naming the first bad block."""
+    def _check_blocks(self, name: str) -> int:
         m = self.manifest
-        base = m["header_bytes"]
-        for name, e in m["tensors"].items():
-            start, stop = e["data_offsets"]
-            raw = memoryview(self._mmap)[base + start : base + stop]
-            for i, (got, want) in enumerate(zip(_block_hashes(raw, e["row_bytes"], m["block_rows"]), e["block_sha256"])):
-                if got != want:
-                    first = i * m["block_rows"]
-                    raise CheckpointError(
-                        f"{self.path}: checksum mismatch in tensor {name!r}, rows {first}..{first + m['block_rows'] - 1} (block {i}): the file is corrupt"
-                    )
-            raw.release()
+        e = m["tensors"][name]
+        hashes = _block_hashes(self._arrays[name].raw, e["row_bytes"], m["block_rows"])
+        if len(hashes) != len(e["block_sha256"]):  # read_manifest checks the count; never zip past a gap
+            raise CheckpointError(f"{self.path}: tensor {name!r} has {len(hashes)} blocks, the manifest lists {len(e['block_sha256'])}")
+        for i, (got, want) in enumerate(zip(hashes, e["block_sha256"])):
+            if got != want:
+                first = i * m["block_rows"]
+                last = min(first + m["block_rows"], m["vocab_size"]) - 1
+                raise CheckpointError(f"{self.path}: checksum mismatch in tensor {name!r}, rows {first}..{last} (block {i}): the file is corrupt")
+        return len(hashes)
+
+    def verify(self) -> int:
+        """Check every block checksum of every tensor and every row checksum; returns the number of
+        blocks checked. Raises CheckpointError naming the first bad block or row."""
+        blocks = sum(self._check_blocks(name) for name in self.manifest["tensors"])
+        self._check_rows(np.arange(self.vocab_size))
+        return blocks
 
     def close(self) -> None:
+        for mapped in self._arrays.values():
+            mapped.raw.release()
         self._arrays = {}
         try:
             self._mmap.close()

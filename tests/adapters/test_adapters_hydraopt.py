@@ -1,5 +1,5 @@
-"""HydraOpt: closed forms, exact recovery, monotone budgets, storage formula, ALS, data-aware term,
-bundle files and PEFT loading."""
+"""HydraOpt: closed forms, exact recovery, monotone budgets, storage in bytes and params, ALS,
+data-aware term, bundle files (romscale outputs), exports and PEFT loading."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from adapters_helpers import lib4, lib_mixed, make_lora, tiny_llama, tok_ids, tree_hash  # noqa: F401 (fixtures)
 from peft import PeftModel
 
 from romscale.adapters.activations import collect_input_factors
 from romscale.adapters.bank import AdapterBank
-from romscale.adapters.bundle import FACTORS, MANIFEST, HydraBundle
+from romscale.adapters.bundle import FACTORS, HydraBundle
 from romscale.adapters.hydraopt import HydraOptConfig, ModuleProblem, als_refine, fit_hydraopt, storage_params
-from romscale.adapters.peft_io import LoraAdapter, LoraModule
+from romscale.adapters.peft_io import LoraAdapter, LoraModule, read_peft_adapter
 from romscale.errors import AdapterError, RomscaleError
+from romscale.utils.outputs import MANIFEST, OutputError, output_kind
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (64, 64), "model.layers.0.self_attn.k_proj": (32, 64), "model.layers.1.self_attn.o_proj": (64, 64)}
 
@@ -39,7 +39,7 @@ def _seed(m: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def lib6(tmp_path_factory):
+def lib6(tmp_path_factory, make_lora):
     root = tmp_path_factory.mktemp("lib6")
     return [make_lora(root / f"task{i}", seed=300 + i, r=4) for i in range(6)]
 
@@ -56,7 +56,7 @@ def dense_errors(bank: AdapterBank, bundle: HydraBundle) -> np.ndarray:
     return out
 
 
-def test_exact_recovery_when_tasks_share_A(tmp_path, tok_ids):
+def test_exact_recovery_when_tasks_share_A(make_lora, tiny_llama, tree_hash, tmp_path, tok_ids):
     mods = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
     shared = {m: _rand(_seed(m), 4, 64) * 0.2 for m in mods}
     paths = [make_lora(tmp_path / f"s{i}", 400 + i, shared_A=shared) for i in range(5)]
@@ -109,7 +109,8 @@ def test_error_never_increases_with_budget(lib6):
 
 def test_storage_equals_formula(lib_mixed):
     bank = AdapterBank.load(lib_mixed)
-    for cfg in (HydraOptConfig(k_a=1, k_b=3), HydraOptConfig(k_a=2, k_b=1, rank=5), HydraOptConfig(storage=0.7), HydraOptConfig(storage=0.55, factor_dtype="float16")):
+    for cfg in (HydraOptConfig(k_a=1, k_b=3), HydraOptConfig(k_a=2, k_b=1, rank=5), HydraOptConfig(storage=0.7),
+                HydraOptConfig(storage=0.55, factor_dtype="float16", storage_unit="params")):
         b = fit_hydraopt(bank, cfg)
         c = b.fit["chosen"]
         expect = 0
@@ -125,7 +126,7 @@ def test_storage_equals_formula(lib_mixed):
         assert st.bytes == expect * (2 if cfg.factor_dtype == "float16" else 4)
 
 
-def test_shared_A_per_task_B_is_half_storage_on_square_modules(tmp_path):
+def test_shared_A_per_task_B_is_half_storage_on_square_modules(make_lora, tmp_path):
     n = 10
     paths = [make_lora(tmp_path / f"sq{i}", 500 + i, targets=("q_proj", "o_proj")) for i in range(n)]  # 64x64
     bank = AdapterBank.load(paths)
@@ -214,7 +215,7 @@ def test_data_aware_term_trades_plain_error_for_error_on_inputs(lib6):
         fit_hydraopt(bank, HydraOptConfig(k_a=1, k_b=1, data_weight=0.5))
 
 
-def test_collect_input_factors_and_end_to_end(lib4, tok_ids):
+def test_collect_input_factors_and_end_to_end(lib4, tiny_llama, tok_ids):
     bank = AdapterBank.load(lib4)
     model = tiny_llama(0)
     examples = {name: [tok_ids[0].tolist(), tok_ids[1, :5].tolist()] for name in bank.names[:2]}
@@ -234,13 +235,14 @@ def test_collect_input_factors_and_end_to_end(lib4, tok_ids):
     assert set(b.fit["task_errors_data"]) == set(bank.names)
 
 
-def test_bundle_roundtrip_and_peft_loading(lib4, tmp_path, tok_ids):
+def test_bundle_roundtrip_and_peft_loading(lib4, tiny_llama, tree_hash, tmp_path, tok_ids):
     before = {p: tree_hash(p) for p in lib4}
     bank = AdapterBank.load(lib4)
     b = fit_hydraopt(bank, HydraOptConfig(storage=0.5))
-    path = b.save(tmp_path / "bundle", protect=bank.sources)
+    path = b.save(tmp_path / "bundle", inputs=bank.sources)
+    assert output_kind(path) == "hydraopt-bundle" and sorted(p.name for p in path.iterdir()) == [FACTORS, MANIFEST]
     b2 = HydraBundle.load(path)
-    assert b2.tasks == b.tasks and b2.fit["objective"] == b.fit["objective"]
+    assert b2.tasks == b.tasks and b2.fit["objective"] == b.fit["objective"] and list(b2.modules) == bank.modules
     for m in b.modules:
         assert torch.equal(b.modules[m].A, b2.modules[m].A) and torch.equal(b.modules[m].B, b2.modules[m].B)
         assert (b.modules[m].a_group == b2.modules[m].a_group).all()
@@ -260,43 +262,106 @@ def test_bundle_roundtrip_and_peft_loading(lib4, tmp_path, tok_ids):
         ex1 = PeftModel.from_pretrained(tiny_llama(0), str(b2.export_task(t1, tmp_path / "t1")))
         torch.testing.assert_close(direct(input_ids=tok_ids).logits, ex1(input_ids=tok_ids).logits, rtol=0, atol=0)
     assert {p: tree_hash(p) for p in lib4} == before
-    with pytest.raises(AdapterError, match="inputs are never overwritten"):
-        b.save(lib4[0], overwrite=True, protect=bank.sources)
+    with pytest.raises(OutputError, match="never writes over or into its inputs"):
+        b.save(lib4[0], overwrite=True, inputs=bank.sources)
+    with pytest.raises(OutputError, match="lies inside the input"):
+        b2.export_task(t0, path / "inside")  # the bundle is an input of its exports
+
+
+def test_export_all_is_one_output(lib4, tiny_llama, tmp_path, tok_ids):
+    bank = AdapterBank.load(lib4)
+    b = fit_hydraopt(bank, HydraOptConfig(k_a=1, k_b=2))
+    b.save(tmp_path / "bundle")
+    b = HydraBundle.load(tmp_path / "bundle")
+    out = b.export_all(tmp_path / "tasks")
+    assert output_kind(out) == "peft-adapter-set" and sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, *b.tasks])
+    for t in b.tasks:
+        ad = read_peft_adapter(out / t)
+        for m, (A, B) in b.task_factors(t).items():
+            assert torch.equal(ad.modules[m].A, A) and torch.equal(ad.modules[m].B, B)
+        PeftModel.from_pretrained(tiny_llama(0), str(out / t))
+    with pytest.raises(OutputError, match="already exists"):
+        b.export_all(out)
+    with pytest.raises(OutputError, match="is a romscale peft-adapter-set output, not a peft-adapter"):
+        b.export_task(b.tasks[0], out, overwrite=True)
+    b.export_all(out, overwrite=True)
+    with pytest.raises(OutputError, match="contains the input"):
+        b.export_all(tmp_path, overwrite=True)
+
+
+def _edit_section(path, fn) -> None:
+    man = json.loads((path / MANIFEST).read_text())
+    fn(man["hydraopt"])
+    (path / MANIFEST).write_text(json.dumps(man))
 
 
 def test_bundle_corruption_is_caught(lib4, tmp_path):
     bank = AdapterBank.load(lib4)
     path = fit_hydraopt(bank, HydraOptConfig(k_a=1, k_b=2)).save(tmp_path / "b")
+    good = (path / MANIFEST).read_text()
     raw = (path / FACTORS).read_bytes()
     (path / FACTORS).write_bytes(raw[:-9] + bytes([raw[-9] ^ 1]) + raw[-8:])
-    with pytest.raises(AdapterError, match="sha256 does not match"):
+    with pytest.raises(AdapterError, match="does not match its sha256"):
         HydraBundle.load(path)
     (path / FACTORS).write_bytes(raw)
-    man = json.loads((path / MANIFEST).read_text())
-    m0 = next(iter(man["modules"]))
-    man["modules"][m0]["a_group"][0] = 5
-    (path / MANIFEST).write_text(json.dumps(man))
+    m0 = bank.modules[0]
+    _edit_section(path, lambda h: h["modules"][m0]["a_group"].__setitem__(0, 5))
     with pytest.raises(AdapterError, match="task map is not 4 indices"):
         HydraBundle.load(path)
-    man["modules"][m0]["a_group"][0] = 0
-    man["modules"][m0]["rank"] = 3
-    (path / MANIFEST).write_text(json.dumps(man))
-    with pytest.raises(AdapterError, match=r"has A \(1, 4, 64\).*expected \(1, 3, 64\)"):
+    (path / MANIFEST).write_text(good)
+    _edit_section(path, lambda h: h["modules"][m0].__setitem__("rank", 3))
+    with pytest.raises(AdapterError, match=r"::A is F32 \(1, 4, 64\), .* says F32 \(1, 3, 64\)"):
+        HydraBundle.load(path)  # caught from the header, before the factors are read
+    (path / MANIFEST).write_text(good)
+    _edit_section(path, lambda h: h["tasks"].__setitem__(0, "../escape"))
+    with pytest.raises(AdapterError, match="is not a plain folder name"):
         HydraBundle.load(path)
+    (path / MANIFEST).write_text(good)
+    (path / "extra.bin").write_bytes(b"x")
+    with pytest.raises(AdapterError, match="not listed in romscale_manifest.json"):
+        HydraBundle.load(path)
+    (path / "extra.bin").unlink()
     (path / MANIFEST).write_text("{")
     with pytest.raises(AdapterError, match="not valid JSON"):
         HydraBundle.load(path)
     (path / MANIFEST).unlink()
-    with pytest.raises(AdapterError, match="not a HydraOpt bundle"):
+    with pytest.raises(AdapterError, match="romscale_manifest.json is missing"):
         HydraBundle.load(path)
     with pytest.raises(AdapterError, match="no task 'zzz'"):
         fit_hydraopt(bank, HydraOptConfig(k_a=1, k_b=1)).task_adapter("zzz")
 
 
+def test_storage_fraction_means_bytes(lib4, lib_fp16_ties):
+    """fp16 in -> fp16 factors out, and a storage fraction is a fraction of the library's bytes."""
+    fp16 = AdapterBank.load(lib_fp16_ties)
+    b = fit_hydraopt(fp16, HydraOptConfig(storage=0.5))
+    st = b.storage()
+    assert {f.A.dtype for f in b.modules.values()} == {torch.float16} and st.bytes == 2 * st.params
+    assert st.bytes <= 0.5 * fp16.storage().bytes and b.summary()["storage"]["dtype"] == "float16"
+    fp32 = AdapterBank.load(lib4)
+    lib = fp32.storage()
+    assert {f.A.dtype for f in fit_hydraopt(fp32, HydraOptConfig(k_a=1, k_b=1)).modules.values()} == {torch.float32}
+    # fp16 factors of an fp32 library: 0.3 of the bytes allows up to 0.6 of the parameters ...
+    half = fit_hydraopt(fp32, HydraOptConfig(storage=0.3, factor_dtype="float16"))
+    s = half.summary()
+    assert s["storage"]["bytes"] <= 0.3 * lib.bytes and s["storage_fraction_params"] > 0.3
+    assert s["storage_fraction_bytes"] == pytest.approx(s["storage_fraction_params"] / 2)
+    assert half.fit["chosen"]["storage_fraction_bytes"] == pytest.approx(s["storage_fraction_bytes"])
+    # ... while storage_unit="params" keeps the old meaning.
+    by_params = fit_hydraopt(fp32, HydraOptConfig(storage=0.3, factor_dtype="float16", storage_unit="params"))
+    assert by_params.storage().params <= 0.3 * lib.params
+    assert all({"bytes", "dtype", "storage_fraction_params", "storage_fraction_bytes"} <= set(c) for c in half.fit["candidates"])
+
+
 def test_bad_hydraopt_arguments(lib4):
     bank = AdapterBank.load(lib4)
-    with pytest.raises(RomscaleError, match="below the smallest HydraOpt configuration"):
+    with pytest.raises(RomscaleError, match=r"storage target 0.05 \(of the library's bytes\) is below the smallest HydraOpt configuration"):
         fit_hydraopt(bank, HydraOptConfig(storage=0.05))
+    for bad in (0.0, 1.5):
+        with pytest.raises(RomscaleError, match=r"fraction in \(0, 1\]"):
+            fit_hydraopt(bank, HydraOptConfig(storage=bad))
+    with pytest.raises(RomscaleError, match="factor_dtype must be one of"):
+        fit_hydraopt(bank, HydraOptConfig(k_a=1, k_b=1, factor_dtype="float64"))
     with pytest.raises(RomscaleError, match=r"K_A and K_B must be in \[1, 4\]"):
         fit_hydraopt(bank, HydraOptConfig(k_a=5, k_b=1))
     with pytest.raises(RomscaleError, match="task weights"):

@@ -1,67 +1,28 @@
-"""Merge methods: parity with PEFT's add_weighted_adapter, loadability, intended updates."""
+"""Merge methods: parity with PEFT's add_weighted_adapter (fp16 adapters with tied magnitudes, DARE
+masks from the same seed), loadability, intended updates, output dtype."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
-import peft.tuners.lora.model as peft_lora_model
 import pytest
+import safetensors
 import torch
-from adapters_helpers import lib4, lib_mixed, lib_qv, make_lora, tiny_llama, tok_ids  # noqa: F401 (fixtures)
 from peft import PeftModel
 from peft.utils.merge_utils import magnitude_based_pruning
 
 from romscale.adapters.bank import AdapterBank
 from romscale.adapters.merge import MERGE_METHODS, MergeOptions, merge_adapters
-from romscale.adapters.ops import random_drop, trim_magnitude
+from romscale.adapters.ops import kth_largest_abs, random_drop, top_k_mask, trim_magnitude
+from romscale.adapters.order import model_order, natural_key
 from romscale.adapters.peft_io import write_peft_adapter
 from romscale.errors import AdapterError, RomscaleError
 
 WEIGHTS = [0.7, -0.4, 1.1, 0.5]
+DENSITY = 0.6
 
-
-def _deltas(pm, adapter: str) -> dict[str, torch.Tensor]:
-    return {
-        n.removeprefix("base_model.model."): m.get_delta_weight(adapter)
-        for n, m in pm.named_modules()
-        if hasattr(m, "lora_A") and adapter in m.lora_A
-    }
-
-
-def _peft_merge(paths, ctype, weights, density, monkeypatch):
-    """PEFT's own merge; records the global RNG state when PEFT starts combining (after it has
-    initialised the new adapter's layers), so that random methods can be replayed draw for draw."""
-    pm = PeftModel.from_pretrained(tiny_llama(0), str(paths[0]), adapter_name="t0")
-    for i in range(1, len(paths)):
-        pm.load_adapter(str(paths[i]), adapter_name=f"t{i}")
-    state = {}
-    for fn in ("_generalized_task_arithmetic_weighted_adapter", "_svd_generalized_task_arithmetic_weighted_adapter"):
-        orig = getattr(peft_lora_model.LoraModel, fn)
-
-        def wrap(self, *a, _orig=orig, **k):
-            state.setdefault("rng", torch.get_rng_state())
-            return _orig(self, *a, **k)
-
-        monkeypatch.setattr(peft_lora_model.LoraModel, fn, wrap)
-    torch.manual_seed(1234)
-    kw = {"density": density} if density is not None else {}
-    pm.add_weighted_adapter([f"t{i}" for i in range(len(paths))], list(weights), "merged", combination_type=ctype, **kw)
-    return _deltas(pm, "merged"), state.get("rng")
-
-
-def _ours(paths, method, weights, density, rng_state, tmp_path):
-    bank = AdapterBank.load(paths)
-    g = None
-    if rng_state is not None:
-        g = torch.Generator()
-        g.set_state(rng_state)
-    res = merge_adapters(bank, method, MergeOptions(weights=weights, density=density or 0.5, rng="torch"), torch_generator=g)
-    out = write_peft_adapter(res.adapter, tmp_path / method)
-    return _deltas(PeftModel.from_pretrained(tiny_llama(0), str(out)), "default")
-
-
-PARITY = [  # (ours, PEFT combination_type)
+PARITY = [  # (ours, PEFT combination_type): every type add_weighted_adapter offers
     ("cat", "cat"),
     ("task_arithmetic", "svd"),
     ("linear_ab", "linear"),
@@ -76,24 +37,118 @@ PARITY = [  # (ours, PEFT combination_type)
 ]
 
 
-@pytest.mark.parametrize("ours,peft_type", PARITY)
-def test_parity_with_peft_add_weighted_adapter(ours, peft_type, lib4, lib_qv, tmp_path, monkeypatch):
-    assert MERGE_METHODS[ours].peft_name == peft_type
-    random = MERGE_METHODS[ours].random
-    paths = lib_qv if random else lib4  # DARE replay needs the model's module order (q before v)
-    w = WEIGHTS[: len(paths)]
-    density = 0.6 if MERGE_METHODS[ours].uses_density else None
-    ref, rng_state = _peft_merge(paths, peft_type, w, density, monkeypatch)
-    got = _ours(paths, ours, w, density, rng_state if random else None, tmp_path)
+def _deltas(pm, adapter: str) -> dict[str, torch.Tensor]:
+    return {
+        n.removeprefix("base_model.model."): m.get_delta_weight(adapter)
+        for n, m in pm.named_modules()
+        if hasattr(m, "lora_A") and adapter in m.lora_A
+    }
+
+
+def _peft_merge(tiny_llama, paths, ctype, seed, density=DENSITY):
+    """PEFT's own merge, seeded the way a user seeds it."""
+    pm = PeftModel.from_pretrained(tiny_llama(0), str(paths[0]), adapter_name="t0")
+    for i in range(1, len(paths)):
+        pm.load_adapter(str(paths[i]), adapter_name=f"t{i}")
+    torch.manual_seed(seed)
+    kw = {"density": density} if ctype not in ("cat", "svd", "linear") else {}
+    pm.add_weighted_adapter([f"t{i}" for i in range(len(paths))], WEIGHTS[: len(paths)], "merged", combination_type=ctype, **kw)
+    return _deltas(pm, "merged")
+
+
+def _products(res) -> dict[str, torch.Tensor]:
+    return {m: lm.B.float() @ lm.A.float() for m, lm in res.adapter.modules.items()}
+
+
+def _assert_same(got: dict, ref: dict) -> None:
     assert set(got) == set(ref)
     for m in ref:
         torch.testing.assert_close(got[m], ref[m], rtol=1e-4, atol=1e-5 * float(ref[m].abs().max()))
-    if random:  # and the replay matters: another stream gives another result
-        other = _ours(paths, ours, w, density, None, tmp_path / "other")
-        assert any(not torch.allclose(other[m], ref[m], atol=1e-6) for m in ref)
 
 
-def _patched_logits(deltas: dict[str, torch.Tensor], tok_ids: torch.Tensor) -> torch.Tensor:
+def _ties_at_threshold(bank: AdapterBank, method: str) -> bool:
+    """The library really has entries tied at the k-th magnitude (where keep-all-ties differs)."""
+    for mod in bank.modules:
+        st = bank.stack(mod)
+        tensors = st.A + st.B if MERGE_METHODS[method].family == "ab" else [st.delta(t) for t in range(st.n)]
+        for x in tensors:
+            k = int(DENSITY * x.numel())
+            if int((x.float().abs() >= kth_largest_abs(x.float(), k)).sum()) > k:
+                return True
+    return False
+
+
+@pytest.mark.parametrize("ours,peft_type", PARITY)
+def test_parity_with_peft_on_fp16_adapters_with_ties(ours, peft_type, lib_fp16_ties, tiny_llama, tmp_path):
+    """Same seed, same result, for every PEFT combination type: trimming keeps exactly PEFT's top-k
+    entries although magnitudes tie, DARE draws its masks in the model's module order."""
+    assert MERGE_METHODS[ours].peft_name == peft_type
+    bank = AdapterBank.load(lib_fp16_ties)
+    assert bank.dtype == torch.float16 and bank.modules[:4] == [f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    if "ties" in ours or "magnitude" in ours:
+        assert _ties_at_threshold(bank, ours)
+    ref = _peft_merge(tiny_llama, lib_fp16_ties, peft_type, seed=5)
+    opts = MergeOptions(weights=WEIGHTS, density=DENSITY, seed=5, rng="torch", dtype="float32")
+    res = merge_adapters(bank, ours, opts)
+    out = write_peft_adapter(res.adapter, tmp_path / ours, inputs=lib_fp16_ties)
+    _assert_same(_deltas(PeftModel.from_pretrained(tiny_llama(0), str(out)), "default"), ref)
+    if MERGE_METHODS[ours].random:  # the seed matters: another one gives other masks
+        other = merge_adapters(bank, ours, MergeOptions(weights=WEIGHTS, density=DENSITY, seed=6, rng="torch", dtype="float32"))
+        assert any(not torch.allclose(_products(other)[m], ref[m], atol=1e-6) for m in ref)
+
+
+@pytest.mark.parametrize("method", ["dare_ties_ab", "dare_linear"])
+def test_dare_draws_follow_the_model_module_order(method, lib_fp16_ties, tiny_llama):
+    bank = AdapterBank.load(lib_fp16_ties)
+    assert bank.modules == model_order(tiny_llama(0), bank.modules)  # q, k, v, o: the model's order
+    ref = _peft_merge(tiny_llama, lib_fp16_ties, MERGE_METHODS[method].peft_name, seed=3)
+    opts = MergeOptions(weights=WEIGHTS, density=DENSITY, seed=3, rng="torch", dtype="float32")
+    _assert_same(_products(merge_adapters(bank, method, opts)), ref)
+    # Sorted names (k, o, q, v) draw the same masks for other modules: not PEFT's merge.
+    by_name = AdapterBank.load(lib_fp16_ties, module_order=sorted(bank.modules, key=natural_key))
+    got = _products(merge_adapters(by_name, method, opts))
+    assert all(not torch.allclose(got[m], ref[m], atol=1e-4) for m in ref)
+
+
+@pytest.mark.parametrize("method,extra", [("dare_ties_ab", []), ("dare_linear", ["--rng", "torch"])])
+def test_cli_seed_reproduces_peft_dare(method, extra, cli, lib_fp16_ties, tiny_llama, tmp_path):
+    ref = _peft_merge(tiny_llama, lib_fp16_ties, MERGE_METHODS[method].peft_name, seed=7)
+    r = cli("adapters", "merge", *lib_fp16_ties, "--method", method, "--seed", "7", "--density", str(DENSITY),
+            "--weights", ",".join(map(str, WEIGHTS)), "--dtype", "float32", *extra, "--out", tmp_path / "m")
+    assert r.exit_code == 0, r
+    _assert_same(_deltas(PeftModel.from_pretrained(tiny_llama(0), str(tmp_path / "m")), "default"), ref)
+
+
+def test_torch_generator_replaces_peft_stream(lib_fp16_ties):
+    """An explicit generator is PEFT's RNG state when it starts combining (no init draws replayed)."""
+    bank = AdapterBank.load(lib_fp16_ties)
+    opts = MergeOptions(density=DENSITY, seed=0)
+    a = merge_adapters(bank, "dare_ties_ab", opts, torch_generator=torch.Generator().manual_seed(11))
+    b = merge_adapters(bank, "dare_ties_ab", opts, torch_generator=torch.Generator().manual_seed(11))
+    c = merge_adapters(bank, "dare_ties_ab", opts)
+    m = bank.modules[0]
+    assert torch.equal(_products(a)[m], _products(b)[m]) and not torch.equal(_products(a)[m], _products(c)[m])
+
+
+def test_outputs_default_to_the_inputs_dtype(lib_fp16_ties, lib4, tmp_path):
+    fp16 = AdapterBank.load(lib_fp16_ties)
+    for method in ("ties", "ties_ab", "cat"):
+        res = merge_adapters(fp16, method)
+        assert {lm.A.dtype for lm in res.adapter.modules.values()} == {torch.float16}
+        assert res.storage.bytes == 2 * res.storage.params and res.storage.total.dtype == "float16"
+        s = res.summary(fp16.storage())
+        assert s["storage"]["dtype"] == "float16" and s["storage_fraction_bytes"] == pytest.approx(s["storage_fraction_params"])
+        out = write_peft_adapter(res.adapter, tmp_path / method)
+        with safetensors.safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    res = merge_adapters(AdapterBank.load(lib4), "ties")
+    assert res.storage.bytes == 4 * res.storage.params
+    # An fp16 merge of an fp32 library is half the bytes of the same merge in fp32.
+    half = merge_adapters(AdapterBank.load(lib4), "ties", MergeOptions(dtype="float16"))
+    assert half.storage.params == res.storage.params and 2 * half.storage.bytes == res.storage.bytes
+
+
+def _patched_logits(tiny_llama, deltas: dict[str, torch.Tensor], tok_ids: torch.Tensor) -> torch.Tensor:
     model = tiny_llama(0)
     with torch.no_grad():
         for name, d in deltas.items():
@@ -101,7 +156,7 @@ def _patched_logits(deltas: dict[str, torch.Tensor], tok_ids: torch.Tensor) -> t
         return model(input_ids=tok_ids).logits
 
 
-def test_exact_sums_apply_the_intended_update(lib_mixed, tmp_path, tok_ids):
+def test_exact_sums_apply_the_intended_update(lib_mixed, tiny_llama, tmp_path, tok_ids):
     """cat and untruncated task arithmetic give W + sum_t w_t s_t B_t A_t, rsLoRA scaling included."""
     bank = AdapterBank.load(lib_mixed)
     w = [0.5, -1.0, 2.0]
@@ -113,11 +168,11 @@ def test_exact_sums_apply_the_intended_update(lib_mixed, tmp_path, tok_ids):
         for m, d in _deltas(pm, "default").items():
             torch.testing.assert_close(d, intended[m], rtol=1e-4, atol=1e-6)
         with torch.no_grad():
-            torch.testing.assert_close(pm(input_ids=tok_ids).logits, _patched_logits(intended, tok_ids), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(pm(input_ids=tok_ids).logits, _patched_logits(tiny_llama, intended, tok_ids), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", sorted(MERGE_METHODS))
-def test_every_method_loads_in_peft_and_applies_its_update(method, lib4, tmp_path, tok_ids):
+def test_every_method_loads_in_peft_and_applies_its_update(method, lib4, tiny_llama, tmp_path, tok_ids):
     bank = AdapterBank.load(lib4)
     res = merge_adapters(bank, method, MergeOptions(density=0.5, seed=3))
     out = write_peft_adapter(res.adapter, tmp_path / method)
@@ -128,14 +183,14 @@ def test_every_method_loads_in_peft_and_applies_its_update(method, lib4, tmp_pat
         torch.testing.assert_close(deltas[m], lm.B @ lm.A)  # scaling 1, whatever rank
         assert float(deltas[m].norm()) > 0
     with torch.no_grad():
-        torch.testing.assert_close(pm(input_ids=tok_ids).logits, _patched_logits(deltas, tok_ids), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(pm(input_ids=tok_ids).logits, _patched_logits(tiny_llama, deltas, tok_ids), rtol=1e-4, atol=1e-4)
     rank = max(bank.ranks(bank.modules[0]))
     expect_rank = 4 * rank if method == "cat" else rank
     assert {lm.r for lm in res.adapter.modules.values()} == {expect_rank}
     assert res.storage.params == sum(expect_rank * (sum(bank.shapes[m])) for m in bank.modules)
 
 
-def test_rslora_inputs_merge_correctly(tmp_path):
+def test_rslora_inputs_merge_correctly(make_lora, tiny_llama, tmp_path):
     """PEFT's merged config inherits use_rslora with lora_alpha = r (scaling sqrt(r), not 1); ours
     writes scaling 1, so the merged update is what the weights say."""
     paths = [make_lora(tmp_path / f"rs{i}", 50 + i, r=8, alpha=4, use_rslora=True) for i in range(2)]
@@ -171,9 +226,18 @@ def test_knots_linear_untruncated_is_task_arithmetic(lib4):
 
 
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 0.93, 1.0])
-def test_trim_matches_peft(density):
-    t = torch.randn(37, 53, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(trim_magnitude(t, density), magnitude_based_pruning(t, density) if density < 1 else t)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_trim_keeps_exactly_peft_top_k(density, dtype):
+    """Random values, and fp16 values with most magnitudes tied: the same entries as PEFT's topk."""
+    g = torch.Generator().manual_seed(0)
+    for t in (torch.randn(37, 53, generator=g), torch.randint(-4, 5, (37, 53), generator=g) / 8.0):
+        t = t.to(dtype)
+        got = trim_magnitude(t, density)
+        ref = magnitude_based_pruning(t, density) if density < 1 else t
+        assert torch.equal(got, ref)
+        if density < 1:
+            k = int(density * t.numel())
+            assert int(top_k_mask(t, k).sum()) == k
 
 
 def test_fast_random_drop():
@@ -193,17 +257,20 @@ def test_merge_argument_errors(lib4):
         merge_adapters(bank, "tie")
     with pytest.raises(RomscaleError, match="got 2 weights for 4 adapters"):
         merge_adapters(bank, "ties", MergeOptions(weights=[1, 2]))
-    with pytest.raises(RomscaleError, match="density"):
-        merge_adapters(bank, "ties", MergeOptions(density=1.5))
+    for bad in (1.5, 0.0):
+        with pytest.raises(RomscaleError, match=r"density must be in \(0, 1\]"):
+            merge_adapters(bank, "ties", MergeOptions(density=bad))
+    with pytest.raises(RomscaleError, match="dtype must be one of"):
+        merge_adapters(bank, "ties", MergeOptions(dtype="int8"))
 
 
 def test_merge_outputs_in_half_precision(lib4, tmp_path):
     bank = AdapterBank.load(lib4)
-    res = merge_adapters(bank, "task_arithmetic")
-    out = write_peft_adapter(res.adapter, tmp_path / "bf16", dtype=torch.bfloat16)
+    res = merge_adapters(bank, "task_arithmetic", MergeOptions(dtype="bfloat16"))
+    out = write_peft_adapter(res.adapter, tmp_path / "bf16")
     back = AdapterBank.load([out])
     st = back.storage()
-    assert set(st.total.by_dtype) == {"bfloat16"} and st.bytes == 2 * st.params == 2 * res.storage.params
+    assert set(st.total.by_dtype) == {"bfloat16"} and st.bytes == 2 * st.params == res.storage.bytes
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "ties", "knots"])

@@ -6,7 +6,7 @@ import struct
 import pytest
 import torch
 
-from conftest import randomize_meki, tiny_base
+from conftest import randomize_meki, resign, tiny_base
 from romscale.errors import CheckpointError, RomscaleError
 from romscale.meki.attach import attach_meki, meki_branches, meki_state
 from romscale.meki.config import MekiConfig
@@ -51,13 +51,13 @@ def test_bundle_matches_the_folded_model(tmp_path, folded, ids, dtype, tol):
 def test_table_layout_is_token_major_and_sizes_are_exact(bundle_dir):
     t = RomTable(bundle_dir)
     assert t.table_bytes == 96 * 2 * 8 * 2  # vocab x layers x d_mem x fp16
-    assert t.row_bytes == 2 * 8 * 2
+    assert t.row_bytes == 2 * 8 * 2 + 4  # + the row's CRC-32
     m = t.manifest
     assert m["tensors"]["table"]["shape"] == [96, 16] and m["layers"] == [0, 1]
     t.close()
     int8 = RomTable(export_bundle(_folded(), bundle_dir.parent / "i8", dtype="int8"))
     assert int8.table_bytes * 2 == t.table_bytes  # half the size of fp16
-    assert int8.row_bytes == 16 + 2 * 2  # int8 row + one fp16 scale per layer
+    assert int8.row_bytes == 16 + 2 * 2 + 4  # int8 row + one fp16 scale per layer + CRC-32
     int8.close()
 
 
@@ -132,14 +132,16 @@ def _edit_manifest(bundle_dir, fn):
     m = json.loads(path.read_text())
     fn(m)
     path.write_text(json.dumps(m))
+    resign(bundle_dir)
 
 
 def test_verify_finds_a_flipped_byte(bundle_dir):
     f = bundle_dir / TABLE_FILE
+    m = json.loads((bundle_dir / MANIFEST_FILE).read_text())
     data = bytearray(f.read_bytes())
-    data[-3] ^= 0x40
+    data[m["header_bytes"] + m["tensors"]["table"]["data_offsets"][1] - 3] ^= 0x40
     f.write_bytes(bytes(data))
-    b = load_bundle(bundle_dir)  # loading checks structure, not every byte
+    b = load_bundle(bundle_dir)  # loading checks structure; rows are checked as they are read
     with pytest.raises(CheckpointError, match="checksum mismatch in tensor 'table'"):
         b.table.verify()
 
@@ -165,12 +167,12 @@ def test_corrupt_table_header(bundle_dir):
     "edit, match",
     [
         (lambda m: m["meki"].update(fusion="mul_silu"), "does not match the RAM part"),
-        (lambda m: m.update(vocab_size=97), "contradicts|does not match"),
+        (lambda m: m.update(vocab_size=97), r"must be F16 \[97, 16\]"),
         (lambda m: m.update(layers=[1, 0]), "does not match the RAM part"),
-        (lambda m: m.update(version=2), "unknown format version"),
+        (lambda m: m.update(version=99), "unknown format version"),
         (lambda m: m.update(format="other"), "not a romscale ROM manifest"),
-        (lambda m: m.pop("tensors"), "incomplete"),
-        (lambda m: m.update(dtype="int8"), "contradicts"),
+        (lambda m: m.pop("tensors"), "'tensors' must hold exactly"),
+        (lambda m: m.update(dtype="int8"), "'tensors' must hold exactly"),
     ],
 )
 def test_wrong_manifest(bundle_dir, edit, match):
@@ -188,7 +190,7 @@ def test_missing_file(bundle_dir, name):
 
 def test_inline_checkpoint_is_not_a_bundle(tmp_path, folded):
     save_meki(folded, tmp_path / "ck")
-    with pytest.raises(CheckpointError, match="not a deploy bundle"):
+    with pytest.raises(CheckpointError, match="'meki-checkpoint', expected a meki-bundle"):
         load_bundle(tmp_path / "ck")
 
 
@@ -217,3 +219,94 @@ def test_fused_single_token_path_matches_hooks(bundle_dir):
     assert torch.equal(got.sequences, want.sequences)
     for s_got, s_want in zip(got.scores, want.scores):  # decode steps run the batch-1 scalar path
         assert (s_got - s_want).abs().max() <= 1e-5
+
+
+# ---- rows are verified as they are read (the trust review's cases) -------------------------------
+
+
+def _flip(bundle_dir, tensor, row, byte=0):
+    m = json.loads((bundle_dir / MANIFEST_FILE).read_text())
+    t = m["tensors"][tensor]
+    f = bundle_dir / TABLE_FILE
+    data = bytearray(f.read_bytes())
+    data[m["header_bytes"] + t["data_offsets"][0] + row * t["row_bytes"] + byte] ^= 0x10
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("dtype, tensor", [("fp16", "table"), ("int8", "table"), ("int8", "scales")])
+def test_a_flipped_byte_stops_generation_naming_the_row(tmp_path, folded, prefetch, dtype, tensor):
+    path = export_bundle(folded, tmp_path / "b", dtype=dtype)
+    _flip(path, tensor, row=42, byte=1)
+    b = load_bundle(path, prefetch=prefetch)
+    prompt = torch.tensor([[5, 42]])
+    with pytest.raises(CheckpointError, match=r"row 42 .*rom_tables.safetensors|rom_tables.safetensors: row 42"):
+        b.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        b.model(torch.tensor([[5, 6]]))  # untouched rows still read fine
+    b.close()
+
+
+def test_nan_scales_are_caught_on_read(tmp_path, folded, monkeypatch):
+    import romscale.rom.table as table_mod
+
+    real = table_mod.pack_tables
+
+    def nan_scales(*a, **k):  # a writer that skipped the range checks
+        out = real(*a, **k)
+        out["scales"][7, 1] = float("nan")
+        return out
+
+    monkeypatch.setattr(table_mod, "pack_tables", nan_scales)
+    path = export_bundle(folded, tmp_path / "b", dtype="int8")
+    b = load_bundle(path)
+    with pytest.raises(CheckpointError, match="row 7 .*NaN"):
+        with torch.no_grad():
+            b.model(torch.tensor([[3, 7]]))
+    b.close()
+
+
+def test_out_of_range_ids_are_a_clear_error_with_prefetch(bundle_dir):
+    b = load_bundle(bundle_dir, prefetch=True)
+    with pytest.raises(RomscaleError, match="token id 500 is out of range"):
+        with torch.no_grad():
+            b.model(torch.tensor([[3, 500]]))
+    b.close()
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m: m["tensors"]["table"].update(block_sha256=[]), "needs 1 block checksums"),
+        (lambda m: m["tensors"]["table"]["block_sha256"].append("0" * 64), "needs 1 block checksums"),
+        (lambda m: m.update(block_rows=0), "'block_rows' must be a positive integer"),
+        (lambda m: m.update(file="/etc/passwd"), "leaves the folder"),
+        (lambda m: m.update(file="../x"), "leaves the folder"),
+        (lambda m: m.update(d_mem=10**8), "must be F16"),
+    ],
+)
+def test_tampered_rom_manifest(bundle_dir, edit, match):
+    _edit_manifest(bundle_dir, edit)
+    with pytest.raises(CheckpointError, match=match):
+        load_bundle(bundle_dir)
+
+
+def test_verify_bundle_checks_everything(bundle_dir):
+    from romscale.rom.runtime import verify_bundle
+
+    s = verify_bundle(bundle_dir)
+    assert s["blocks"] == 2 and s["rows"] == 96  # table + CRC tensors, one block each
+    _flip(bundle_dir, "row_crc32", row=3)
+    with pytest.raises(CheckpointError, match="row_crc32"):
+        verify_bundle(bundle_dir)
+
+
+def test_bundle_lists_every_file(bundle_dir):
+    from romscale.utils.outputs import MANIFEST
+
+    m = json.loads((bundle_dir / MANIFEST).read_text())
+    assert m["kind"] == "meki-bundle"
+    assert set(m["files"]) == {"config.json", WEIGHTS_FILE, MANIFEST_FILE, TABLE_FILE}
+    (bundle_dir / "README.txt").write_text("extra")
+    with pytest.raises(CheckpointError, match="not listed"):
+        load_bundle(bundle_dir)

@@ -1,0 +1,188 @@
+"""`romscale bundle ...`: deploy bundles (export, verify, generate) and the decode benchmark.
+Thin: check options, call the library, print. Heavy imports happen inside the commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from romscale.cli_common import (
+    UsageError, at_least, check_output, choice, existing_dir, in_range, json_option, out_option, overwrite_option,
+    seed_option, write_json,
+)
+from romscale.errors import RomscaleError
+
+app = typer.Typer(help="Deploy bundles: RAM part + ROM table on flash; export, verify, generate, bench.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks of bundles that print figures and write JSON.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+TABLE_DTYPES = ("fp16", "bf16", "int8")  # romscale.rom.table.DTYPES, without importing torch
+BUNDLE_HELP = "a deploy bundle folder (romscale bundle export)"
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+@app.command("export")
+def export(
+    src: Path = typer.Argument(..., help="a MeKi checkpoint folder (folded, or training form: it is folded first)"),
+    out: Path = out_option(help="output bundle folder"),
+    dtype: str = typer.Option("fp16", help="ROM table dtype: fp16 | bf16 | int8"),
+    clamp: bool = typer.Option(False, help="saturate table values beyond the dtype's range instead of refusing them (NaN is always refused)"),
+    block_rows: int = typer.Option(4096, help="rows per sha256 block in the ROM manifest"),
+    overwrite: bool = overwrite_option(),
+) -> None:
+    """Write a deploy bundle: RAM part (safetensors + config) and one packed ROM table file."""
+    choice("--dtype", dtype, TABLE_DTYPES)
+    at_least("--block-rows", block_rows, 1)
+    existing_dir("SRC", src, "a MeKi checkpoint folder")
+    check_output("--out", out, kind="meki-bundle", inputs=[src], overwrite=overwrite)
+    from romscale.meki.cli import maybe_tokenizer
+    from romscale.meki.fold import fold
+    from romscale.meki.io import load_meki
+    from romscale.rom.runtime import export_bundle
+
+    model = fold(load_meki(src))
+    export_bundle(model, out, dtype=dtype, tokenizer=maybe_tokenizer(src), block_rows=block_rows, clamp=clamp,
+                  overwrite=overwrite, inputs=[src])
+    _console().print(f"bundle written to {out}")
+
+
+@app.command("verify")
+def verify(
+    bundle: Path = typer.Argument(..., help=BUNDLE_HELP),
+    json_out: Optional[Path] = json_option(),
+    overwrite: bool = overwrite_option(),
+) -> None:
+    """Check every file's sha256, the config against weights and table, every block and row checksum."""
+    existing_dir("BUNDLE", bundle, "a deploy bundle folder")
+    check_output("--json", json_out, kind="report", inputs=[bundle], overwrite=overwrite, is_file=True)
+    from romscale.rom.runtime import verify_bundle
+
+    s = verify_bundle(bundle)
+    _console().print(
+        f"OK: {bundle} ({s['files']} files; {s['dtype']} table, {s['vocab_size']} x {s['num_layers']} x {s['d_mem']}, "
+        f"{s['table_bytes']:,} bytes; {s['blocks']} blocks and {s['rows']} rows checked)"
+    )
+    write_json(json_out, s, inputs=[bundle], overwrite=overwrite)
+
+
+@app.command("generate")
+def generate(
+    bundle: Path = typer.Argument(..., help=BUNDLE_HELP + " with a tokenizer"),
+    prompt: str = typer.Option(..., help="prompt text (not empty)"),
+    max_new_tokens: int = typer.Option(64, help="tokens to generate (>= 1)"),
+    sample: bool = typer.Option(False, help="sample instead of greedy decoding"),
+    temperature: float = typer.Option(0.8, help="sampling temperature (> 0; with --sample)"),
+    top_p: float = typer.Option(0.95, help="nucleus sampling mass in (0, 1] (with --sample)"),
+    seed: int = seed_option(),
+    prefetch: bool = typer.Option(True, help="fetch each token's rows on a background thread"),
+    chat: bool = typer.Option(False, help="wrap the prompt in the tokenizer's chat template"),
+) -> None:
+    """Stream a continuation from a deploy bundle, reading (and checking) the table rows from storage."""
+    if not prompt.strip():
+        raise UsageError("--prompt must not be empty")
+    at_least("--max-new-tokens", max_new_tokens, 1)
+    if sample:
+        at_least("--temperature", temperature, 0, strict=True)
+        in_range("--top-p", top_p, 0, 1, low_open=True)
+    existing_dir("BUNDLE", bundle, "a deploy bundle folder")
+    from romscale.meki.cli import maybe_tokenizer
+
+    tok = maybe_tokenizer(bundle)
+    if tok is None:
+        raise RomscaleError(f"BUNDLE {bundle}: holds no tokenizer files (export from a checkpoint folder that has them)")
+    import torch
+    from transformers import TextStreamer
+
+    from romscale.rom.fused import fuse_meki_ffn
+    from romscale.rom.runtime import load_bundle
+
+    b = load_bundle(bundle, prefetch=prefetch)
+    try:
+        vocab = b.model.get_input_embeddings().num_embeddings
+        if chat:
+            if not getattr(tok, "chat_template", None):
+                raise UsageError(f"--chat: the tokenizer in {bundle} has no chat template")
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt")
+            ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+        else:
+            ids = tok(prompt, return_tensors="pt")["input_ids"]
+        if ids.numel() == 0:
+            raise UsageError("--prompt encodes to no tokens")
+        if int(ids.max()) >= vocab:
+            raise RomscaleError(f"BUNDLE {bundle}: the tokenizer produced id {int(ids.max())} but the model has {vocab} rows")
+        fuse_meki_ffn(b.model)
+        torch.manual_seed(seed)
+        eos = [t for t in (tok.eos_token_id, getattr(tok, "convert_tokens_to_ids", lambda _: None)("<|im_end|>")) if isinstance(t, int) and 0 <= t < vocab]
+        b.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=top_p if sample else None,
+            top_k=None,
+            eos_token_id=eos or None,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0),
+            streamer=TextStreamer(tok, skip_prompt=False),
+        )
+    finally:
+        b.close()
+
+
+@bench_app.command("decode")
+def bench_decode_cmd(
+    json_out: Path = typer.Option(..., "--json", help="write the results here", metavar="PATH"),
+    preset: str = typer.Option("smollm2-135m"),
+    d_mem: list[int] = typer.Option([72], help="memory width; repeat for several"),
+    new_tokens: int = typer.Option(32, help="tokens per timed run"),
+    memory_tokens: int = typer.Option(256, help="tokens generated in the memory probes"),
+    min_pairs: int = typer.Option(10, help="paired rounds before the stop rule is consulted"),
+    max_pairs: int = typer.Option(60, help="most paired rounds"),
+    target_halfwidth: float = typer.Option(0.015, help="stop when the 95% CIs of the ratios are this narrow (fraction)"),
+    max_seconds: float = typer.Option(1800.0, help="stop the warm (paired) series after this long, per d_mem"),
+    cold_rounds: int = typer.Option(10, help="rounds with the table's page cache dropped before each MeKi run (0: none, else >= 2)"),
+    table_dtype: str = typer.Option("fp16", help="fp16 | bf16 | int8"),
+    prefetch: bool = typer.Option(False),
+    fused: bool = typer.Option(True, help="use the fused FFN + MeKi decode path"),
+    seed: int = seed_option(),
+    overwrite: bool = overwrite_option(),
+) -> None:
+    """Batch-1 greedy decode, paired rounds: HF dense vs dense with the fused layout vs the MeKi bundle
+    (table on storage, rows verified); 95% CIs of the speed ratios."""
+    choice("--table-dtype", table_dtype, TABLE_DTYPES)
+    for dm in d_mem:
+        at_least("--d-mem", dm, 1)
+    at_least("--new-tokens", new_tokens, 1)
+    at_least("--memory-tokens", memory_tokens, 1)
+    at_least("--min-pairs", min_pairs, 2)
+    at_least("--max-pairs", max_pairs, min_pairs)
+    in_range("--target-halfwidth", target_halfwidth, 0, 1, low_open=True)
+    at_least("--max-seconds", max_seconds, 0, strict=True)
+    if cold_rounds != 0:
+        at_least("--cold-rounds", cold_rounds, 2)
+    check_output("--json", json_out, kind="report", overwrite=overwrite, is_file=True)
+    from romscale.bench.decode import DecodeBenchConfig, bench_decode
+    from romscale.meki.presets import PRESETS
+    from romscale.utils.machine import machine_line
+
+    choice("--preset", preset, PRESETS)
+    console = _console()
+    results = []
+    for dm in d_mem:
+        cfg = DecodeBenchConfig(
+            preset=preset, d_mem=dm, new_tokens=new_tokens, memory_tokens=memory_tokens, min_pairs=min_pairs,
+            max_pairs=max_pairs, target_halfwidth=target_halfwidth, max_seconds=max_seconds, cold_rounds=cold_rounds,
+            table_dtype=table_dtype, prefetch=prefetch, fused=fused, seed=seed,
+        )
+        results.append(bench_decode(cfg, log=console.print))
+    from romscale.bench.decode import results_table
+
+    console.print(results_table(results, title=f"batch-1 greedy decode, {preset} ({machine_line()})"))
+    write_json(json_out, {"machine": machine_line(), "results": results}, overwrite=overwrite)

@@ -1,0 +1,77 @@
+"""The demo job on the tiny preset with a synthetic corpus (no download): its plot, results.json and
+table figures are one evaluation, and its folder is a complete romscale output."""
+
+import json
+import random
+
+import pytest
+
+import romscale.pipeline as pipeline
+from romscale.meki.attach import meki_state
+from romscale.meki.io import load_meki
+from romscale.train.data import train_tokenizer
+from romscale.utils.outputs import MANIFEST, OutputError, output_kind, read_manifest
+
+WORDS = "to be or not that is the question whether tis nobler in mind suffer slings arrows outrageous fortune".split()
+
+
+@pytest.fixture
+def tiny_demo(monkeypatch):
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(400)) + "\n" for _ in range(6)]
+    tok = train_tokenizer(texts, 300)
+    monkeypatch.setattr(pipeline, "fetch_shakespeare", lambda: [])
+    monkeypatch.setattr(pipeline, "read_texts", lambda files: texts)
+    monkeypatch.setattr(pipeline, "shakespeare_tokenizer", lambda texts, vocab: tok)
+    plotted = []
+    real_plot = pipeline._plot
+    monkeypatch.setattr(pipeline, "_plot", lambda curves, label: plotted.append(curves) or real_plot(curves, label))
+    return plotted
+
+
+def _cfg(out, **kw):
+    return pipeline.DemoConfig(
+        out=out, preset="tiny", steps=4, eval_every=2, batch_size=4, block_size=16, vocab_size=300, new_tokens=4, val_blocks=5, **kw
+    )
+
+
+def test_demo_plots_and_reports_one_validation_figure(tmp_path, tiny_demo):
+    out = tmp_path / "demo"
+    r = pipeline.run_demo(_cfg(out), log=lambda *_: None)
+    on_disk = json.loads((out / "results.json").read_text())
+    (curves,) = tiny_demo
+    for arm, key in (("dense", "dense"), ("meki", "meki_run")):
+        curve = on_disk[key]["val_curve"]
+        assert [step for step, _ in curve] == [2, 4]  # every eval_every steps, the last at the final step
+        assert curves[arm] == curve  # results.json holds exactly what was plotted
+        assert on_disk[key]["val_loss"] == curve[-1][1]  # the table's figure is the curve's last point
+    assert on_disk["validation"]["blocks"] == 5 and on_disk["validation"]["of_blocks"] > 5
+    assert abs(on_disk["fold_check"]["val_loss_diff"]) < 1e-4  # the folded model scores the same
+    assert r["dense"]["val_loss"] == on_disk["dense"]["val_loss"]
+    # A complete romscale output, with the folded model a loadable checkpoint of its own.
+    assert output_kind(out) == pipeline.OUTPUT_KIND
+    files = read_manifest(out, pipeline.OUTPUT_KIND, OutputError)["files"]
+    assert {"results.json", "loss.png", f"{pipeline.FOLDED_DIR}/model.safetensors", f"{pipeline.FOLDED_DIR}/{MANIFEST}"} <= set(files)
+    assert meki_state(load_meki(out / pipeline.FOLDED_DIR)).folded
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no temporary or lock files left
+
+
+def test_demo_refuses_to_replace_before_training(tmp_path, tiny_demo, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline, "train_lm", lambda *a, **k: calls.append(a))
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not romscale's")
+    with pytest.raises(OutputError, match="not a romscale output"):
+        pipeline.run_demo(_cfg(foreign, overwrite=True), log=lambda *_: None)
+    assert (foreign / "notes.txt").read_text() == "not romscale's" and not calls
+
+
+def test_demo_overwrites_its_own_output_only_when_asked(tmp_path, tiny_demo):
+    out = tmp_path / "demo"
+    first = pipeline.run_demo(_cfg(out), log=lambda *_: None)
+    with pytest.raises(OutputError, match="already exists"):
+        pipeline.run_demo(_cfg(out), log=lambda *_: None)
+    second = pipeline.run_demo(_cfg(out, overwrite=True, seed=1), log=lambda *_: None)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["config"]["seed"] == 1 and on_disk["dense"]["val_loss"] == second["dense"]["val_loss"] != first["dense"]["val_loss"]
