@@ -24,7 +24,7 @@ from romscale.meki.fold import fold
 from romscale.meki.presets import get_preset
 from romscale.rom.fused import FusedMekiMLP, fuse_meki_ffn
 from romscale.rom.runtime import export_bundle, load_bundle
-from romscale.utils.atomic import atomic_write_json
+from romscale.utils.outputs import write_json_output
 from romscale.utils.machine import machine_line
 
 PARTS = ("ffn", "attn", "forward")
@@ -101,7 +101,7 @@ def main() -> None:
         table.add_row(name, f"{per_layer['ffn']:.1f}", f"{per_layer['attn']:.1f}", f"{med['forward'] / calls * 1e3:.2f} ms",
                       f"{ratio['total']:.3f}", f"{ratio['ffn']:.3f}")
     console.print(table)
-    atomic_write_json(args.out, result)
+    write_json_output(args.out, result, overwrite=True)
     console.print(f"wrote {args.out}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
@@ -51,6 +52,92 @@ def family(request) -> str:
 @pytest.fixture
 def ids() -> torch.Tensor:
     return torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+# ---- GGUF files as llama.cpp writes them (tests/test_models.py, CLI tests) ----------------------
+
+SPECIALS = ["<pad>", "<|endoftext|>", "<s>"]  # ids 0, 1, 2 = tiny_base's pad, eos, bos
+
+
+def _vocab() -> tuple[list[str], list[str]]:
+    """A byte-level BPE vocabulary of exactly VOCAB tokens, with a few merges."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    spell = bytes_to_unicode()
+    chars = [spell[b] for b in b"abcdefghijklmnopqrstuvwxyz .,!?'\nABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"]
+    merges = ["h e", "l l", "t h", f"{spell[32]} t"]
+    tokens = SPECIALS + chars + [m.replace(" ", "") for m in merges]
+    tokens += [f"<unused{i}>" for i in range(VOCAB - len(tokens))]
+    assert len(tokens) == VOCAB
+    return tokens, merges
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row order (convert_hf_to_gguf.py LlamaModel.permute); transformers undoes it."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(model, file, *, tokenizer: bool = True, quantized: bool = False) -> None:
+    """Write a tiny Llama as llama.cpp would: GGUF names, permuted q/k, F32 (or Q8_0 matrices)."""
+    gguf = pytest.importorskip("gguf")
+    cfg = model.config
+    w = gguf.GGUFWriter(str(file), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantized else gguf.LlamaFileType.ALL_F32)
+    if tokenizer:
+        tokens, merges = _vocab()
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types([3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS)))
+        w.add_token_merges(merges)
+        w.add_pad_token_id(0)
+        w.add_eos_token_id(1)
+        w.add_bos_token_id(2)
+    else:
+        w.add_vocab_size(cfg.vocab_size)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # llama.cpp writes output.weight only when it is not the embedding
+        base, suffix = key.rsplit(".", 1)
+        a = value.float().numpy()
+        if key.endswith("q_proj.weight"):
+            a = _permute(a, cfg.num_attention_heads)
+        elif key.endswith("k_proj.weight"):
+            a = _permute(a, cfg.num_key_value_heads)
+        name = f"{names.get_name(base)}.{suffix}"
+        a = np.ascontiguousarray(a)
+        if quantized and a.ndim == 2:
+            q = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(name, gguf.quants.quantize(a, q), raw_dtype=q)
+        else:
+            w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def hf_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens, merges = _vocab()
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ")) for m in merges])
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|endoftext|>", bos_token="<s>")
 
 
 def resign(folder) -> None:

@@ -8,12 +8,15 @@ MeKi, which shows what the layout alone is worth; (d) "unfolded", the training f
 And a cold sub-series: "meki_cold", the bundle with the table's page cache dropped before every one
 of its runs, paired with its own dense and dense_fused runs.
 
-Method. A round runs every arm once on the same prompt, `new_tokens` tokens each, in an order that
-alternates and rotates from round to round (ABC, CBA, BCA, ACB, ...): each arm sits in every
-position and each pair of arms comes in both orders equally often. Before each run the arm's weights
-are copied into fresh allocations (rehome_weights: placement alone moved one model's speed by up to
-4%). Per round the ratios meki/dense and meki/dense_fused (tok/s over tok/s, the same round) are
-taken; each ratio is reported as the geometric mean over rounds with a t-interval on the log ratios
+Method. A round re-places every arm's weights in fresh allocations (rehome_weights: placement alone
+moved one model's speed by up to 4%), then runs every arm on the same prompt. With
+`interleave="token"` (the default) the arms decode in lockstep: one greedy token each, in turn, the
+order alternating token by token, each decode step timed on its own (the prefill untimed), so every
+arm's steps are spread over the same seconds and the machine's drift cancels in the ratios. With
+`interleave="run"` each arm generates its `new_tokens` in one generate() call after the other. The
+arms' order rotates and alternates from round to round (ABC, CBA, BCA, ACB, ...). Per round the
+ratios meki/dense and meki/dense_fused (tok/s over tok/s, the same round) are taken; each ratio is
+reported as the geometric mean over rounds with a t-interval on the log ratios
 (`paired_ratio_ci`). Rounds continue past `min_pairs` until both CI half-widths are <=
 `target_halfwidth`, or `max_pairs` rounds, or `max_seconds`; the result records which fired.
 Random weights: speed does not depend on their values. The bundle is loaded as deployed, every
@@ -44,7 +47,7 @@ from romscale.meki.fold import fold
 from romscale.meki.presets import build_model, get_preset
 from romscale.rom.fused import fuse_dense_ffn, fuse_meki_ffn
 from romscale.rom.kernel import ffn_kernel
-from romscale.rom.pagecache import PAGE, drop_file_cache, release_free_memory, rss_anon_bytes
+from romscale.rom.pagecache import PAGE, drop_file_cache, release_free_memory, rss_anon_bytes, rss_bytes
 from romscale.rom.runtime import export_bundle, load_bundle
 from romscale.rom.table import TABLE_FILE
 
@@ -78,6 +81,11 @@ class DecodeBenchConfig:
     """Time the unfolded training form in every warm round (one more run per round)."""
     confidence: float = 0.95
     """Confidence level of the intervals."""
+    interleave: str = "token"
+    """"token": in each round the arms decode in lockstep, one token each in turn (the order
+    alternating token by token), each step timed on its own: arms are compared over the same
+    seconds, so the machine's drift cancels in the ratios. "run": each arm generates its
+    new_tokens in one generate() call, one arm after the other (wider intervals on a shared VM)."""
     prompt_len: int = 8
     table_dtype: str = "fp16"
     prefetch: bool = False
@@ -101,6 +109,8 @@ class DecodeBenchConfig:
             raise ValueError("cold_rounds must be 0 (no cold sub-series) or >= 2")
         if not 0 < self.confidence < 1:
             raise ValueError("confidence must be between 0 and 1")
+        if self.interleave not in ("token", "run"):
+            raise ValueError(f"interleave must be 'token' or 'run', got {self.interleave!r}")
         if self.new_tokens < 1 or self.memory_tokens < 1 or self.prompt_len < 1:
             raise ValueError("new_tokens, memory_tokens and prompt_len must be >= 1")
 
@@ -187,6 +197,29 @@ def _timed(model, prompt: torch.Tensor, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+@torch.no_grad()
+def _lockstep(arms: dict[str, Any], order: Sequence[str], prompt: torch.Tensor, n: int, before_run) -> dict[str, float]:
+    """Greedy-decode `n` tokens with every arm in turn, one token each, timing each decode step
+    alone; returns tok/s per arm (n over the sum of its step times). The order alternates from token
+    to token (order, reversed, order, ...) so no arm always runs right after the same neighbour.
+    The prompt's prefill is not timed: the quantity compared is the per-token decode step."""
+    state = {}
+    for name in order:
+        before_run(name)
+        out = arms[name](input_ids=prompt, use_cache=True)
+        state[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+    spent = {name: 0.0 for name in order}
+    for step in range(n):
+        for name in order if step % 2 == 0 else order[::-1]:
+            cache, tok = state[name]
+            start = time.perf_counter()
+            out = arms[name](input_ids=tok, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            spent[name] += time.perf_counter() - start
+            state[name] = (out.past_key_values, nxt)
+    return {name: n / t for name, t in spent.items()}
+
+
 def _build(cfg: DecodeBenchConfig, arm: str):
     meki = MekiConfig(d_mem=cfg.d_mem, zero_init_output=False)
     return build_model(cfg.preset, meki, with_meki=arm != "dense", seed=cfg.seed).eval()
@@ -238,11 +271,14 @@ def _touched_bytes(ids: torch.Tensor, manifest: dict[str, Any]) -> int:
 
 
 def _rss_after_generate() -> dict[str, int]:
-    """Anonymous RSS as generation left it, and after returning the heap's free pages to the OS
-    (malloc_trim): the first is what the process holds, the second what is live."""
-    raw = rss_anon_bytes()
+    """Resident memory as generation left it, and after returning the heap's free pages to the OS
+    (malloc_trim): the first is what the process holds, the second what is live. Total RSS counts
+    too, not only anonymous memory: a bundle's RAM weights are memory-mapped from
+    model.safetensors (file-backed), the dense arm's are heap."""
+    raw, total = rss_anon_bytes(), rss_bytes()
     release_free_memory()
-    return {"rss_anon_bytes": raw, "rss_anon_bytes_trimmed": rss_anon_bytes()}
+    return {"rss_anon_bytes": raw, "rss_anon_bytes_trimmed": rss_anon_bytes(), "rss_total_bytes": total,
+            "rss_total_bytes_trimmed": rss_bytes()}
 
 
 def memory_probe(cfg: DecodeBenchConfig, arm: str, bundle_dir: Path | None) -> dict[str, Any]:
@@ -297,10 +333,16 @@ def _series(
     reason = None
     while reason is None:
         order = round_order(names, len(orders))
-        for name in order:
-            rehome_weights(arms[name])
-            before_run(name)
-            speeds[name].append(_timed(arms[name], prompt, cfg.new_tokens))
+        if cfg.interleave == "token":
+            for name in order:
+                rehome_weights(arms[name])
+            for name, v in _lockstep(arms, order, prompt, cfg.new_tokens, before_run).items():
+                speeds[name].append(v)
+        else:
+            for name in order:
+                rehome_weights(arms[name])
+                before_run(name)
+                speeds[name].append(_timed(arms[name], prompt, cfg.new_tokens))
         orders.append(order)
         n = len(orders)
         if n >= 2:
@@ -376,6 +418,7 @@ def bench_decode(cfg: DecodeBenchConfig, workdir: Path | None = None, log=print)
         ratios["cold_meki_over_dense"] = cold["cis"]["meki_cold/dense"]
         ratios["cold_meki_over_dense_fused"] = cold["cis"]["meki_cold/dense_fused"]
     touched = mem_meki["touched_rows_bytes"]
+    ram_delta = mem_meki["rss_total_bytes_trimmed"] - mem_meki["table_resident_bytes"] - mem_dense["rss_total_bytes_trimmed"]
     cold_gm = {k: _geomean(v) for k, v in cold["speeds"].items()} if cold is not None else {}
 
     def r(key: str) -> float | None:
@@ -413,9 +456,13 @@ def bench_decode(cfg: DecodeBenchConfig, workdir: Path | None = None, log=print)
         "table_resident_bytes": mem_meki["table_resident_bytes"],
         "resident_over_touched": mem_meki["table_resident_bytes"] / max(touched, 1),
         "distinct_tokens": mem_meki["distinct_tokens"],
-        "rss_delta_bytes": mem_meki["rss_anon_bytes"] - mem_dense["rss_anon_bytes"],
-        "rss_delta_over_table": (mem_meki["rss_anon_bytes"] - mem_dense["rss_anon_bytes"]) / table_bytes,
-        "rss_delta_trimmed_bytes": mem_meki["rss_anon_bytes_trimmed"] - mem_dense["rss_anon_bytes_trimmed"],
+        # RAM: total RSS, the MeKi process's without the table's resident pages (the table is on
+        # flash; its page cache is reported on its own above), after malloc_trim.
+        "rss_delta_bytes": ram_delta,
+        "rss_delta_over_table": ram_delta / table_bytes,
+        "rss_total_dense_bytes": mem_dense["rss_total_bytes_trimmed"],
+        "rss_total_meki_bytes": mem_meki["rss_total_bytes_trimmed"],
+        "rss_anon_delta_bytes": mem_meki["rss_anon_bytes_trimmed"] - mem_dense["rss_anon_bytes_trimmed"],
         "memory_tokens": cfg.memory_tokens,
         "threads": torch.get_num_threads(),
     }

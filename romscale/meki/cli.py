@@ -79,7 +79,10 @@ def attach(
     choice("--fusion", fusion, FUSIONS)
     from romscale.models import resolve_model_source
 
-    resolve_model_source(model_path, option="--model")
+    src = resolve_model_source(model_path, option="--model")
+    if src.kind == "hf" and "meki" in _json_keys(src.folder / "config.json"):
+        raise UsageError(f"--model {model_path}: already has MeKi attached (its config.json has a 'meki' section); "
+                         "expected a base model without MeKi")
     check_output("--out", out, kind="meki-checkpoint", inputs=[model_path], overwrite=overwrite)
     from romscale.meki.attach import attach_meki
     from romscale.meki.config import MekiConfig
@@ -91,6 +94,13 @@ def attach(
     attach_meki(model, cfg)
     save_meki(model, out, tokenizer=tok, overwrite=overwrite, inputs=[model_path])
     _console().print(f"MeKi training form written to {out}")
+
+
+def _json_keys(file: Path) -> set[str]:
+    from romscale.utils.outputs import read_json
+
+    obj = read_json(file)
+    return set(obj) if isinstance(obj, dict) else set()
 
 
 @app.command("fold")
@@ -109,6 +119,11 @@ def fold_cmd(
     from romscale.meki.io import load_meki, save_meki
     from romscale.meki.params import parameter_report
 
+    from romscale.meki.io import CHECKPOINT_KIND
+    from romscale.utils.outputs import output_kind
+
+    if output_kind(src) not in (None, CHECKPOINT_KIND):
+        raise UsageError(f"SRC {src}: is a romscale {output_kind(src)}, not a MeKi checkpoint (training form) to fold")
     model = load_meki(src)
     before = parameter_report(model)
     fold(model)

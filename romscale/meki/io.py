@@ -46,6 +46,11 @@ def save_meki(
     state = meki_state(model)
     if state is None:
         raise CheckpointError(f"cannot save to {path}: the model has no MeKi attached")
+    if state.external:
+        raise CheckpointError(
+            f"cannot save to {path}: this model is a deploy bundle's RAM part (its tables live in the bundle's ROM file); "
+            "a checkpoint needs the tables in memory: save from the folded checkpoint instead"
+        )
     with output_dir(path, kind=CHECKPOINT_KIND, inputs=inputs, overwrite=overwrite, meta={"folded": state.folded}) as out:
         write_checkpoint(model, out.path, tokenizer)
     return Path(path)

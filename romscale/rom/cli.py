@@ -119,7 +119,8 @@ def generate(
             raise RomscaleError(f"BUNDLE {bundle}: the tokenizer produced id {int(ids.max())} but the model has {vocab} rows")
         fuse_meki_ffn(b.model)
         torch.manual_seed(seed)
-        eos = [t for t in (tok.eos_token_id, getattr(tok, "convert_tokens_to_ids", lambda _: None)("<|im_end|>")) if isinstance(t, int) and 0 <= t < vocab]
+        # Stop at EOS and, for chat models, at the end of the assistant's turn (ChatML's <|im_end|>).
+        eos = [t for t in (tok.eos_token_id, tok.get_vocab().get("<|im_end|>")) if isinstance(t, int) and 0 <= t < vocab]
         b.model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
@@ -151,12 +152,15 @@ def bench_decode_cmd(
     table_dtype: str = typer.Option("fp16", help="fp16 | bf16 | int8"),
     prefetch: bool = typer.Option(False),
     fused: bool = typer.Option(True, help="use the fused FFN + MeKi decode path"),
+    unfolded: bool = typer.Option(True, help="also time the unfolded training form (a reference arm)"),
+    interleave: str = typer.Option("token", help="token: arms decode in lockstep, one token each in turn | run: one generate() call per arm"),
     seed: int = seed_option(),
     overwrite: bool = overwrite_option(),
 ) -> None:
     """Batch-1 greedy decode, paired rounds: HF dense vs dense with the fused layout vs the MeKi bundle
     (table on storage, rows verified); 95% CIs of the speed ratios."""
     choice("--table-dtype", table_dtype, TABLE_DTYPES)
+    choice("--interleave", interleave, ("token", "run"))
     for dm in d_mem:
         at_least("--d-mem", dm, 1)
     at_least("--new-tokens", new_tokens, 1)
@@ -179,7 +183,7 @@ def bench_decode_cmd(
         cfg = DecodeBenchConfig(
             preset=preset, d_mem=dm, new_tokens=new_tokens, memory_tokens=memory_tokens, min_pairs=min_pairs,
             max_pairs=max_pairs, target_halfwidth=target_halfwidth, max_seconds=max_seconds, cold_rounds=cold_rounds,
-            table_dtype=table_dtype, prefetch=prefetch, fused=fused, seed=seed,
+            table_dtype=table_dtype, prefetch=prefetch, fused=fused, unfolded=unfolded, interleave=interleave, seed=seed,
         )
         results.append(bench_decode(cfg, log=console.print))
     from romscale.bench.decode import results_table

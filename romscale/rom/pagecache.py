@@ -39,12 +39,17 @@ def resident_bytes(mapping: mmap.mmap) -> int:
     return int((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) * PAGE
 
 
-def rss_anon_bytes() -> int:
-    """This process's anonymous resident memory (RssAnon in /proc/self/status)."""
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory from /proc/self/status: VmRSS (all of it), RssAnon (heap and
+    other anonymous memory) or RssFile (mapped files: libraries, mmap-loaded weights, the ROM table)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise OSError("RssAnon not found in /proc/self/status")
+    raise OSError(f"{field} not found in /proc/self/status")
+
+
+def rss_anon_bytes() -> int:
+    return rss_bytes("RssAnon")
 
 
 def release_free_memory() -> None:

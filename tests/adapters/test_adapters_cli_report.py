@@ -260,3 +260,17 @@ def test_cli_constants_match_the_library():
 
     assert adapters_cli.DTYPE_CHOICES == ("auto", *DTYPES)
     assert (adapters_cli.ADAPTER_KIND, adapters_cli.BUNDLE_KIND, adapters_cli.SET_KIND) == (peft_io.ADAPTER_KIND, bundle.BUNDLE_KIND, bundle.SET_KIND)
+
+
+def test_base_model_may_be_a_gguf_folder(cli, lib4, tiny_llama, tmp_path, tok_ids):
+    pytest.importorskip("gguf")
+    from conftest import write_tiny_gguf
+
+    (tmp_path / "g").mkdir()
+    write_tiny_gguf(tiny_llama(0), tmp_path / "g" / "base.gguf", tokenizer=False)
+    ex = {p.name: [tok_ids[0].tolist()] for p in lib4}
+    (tmp_path / "ex.json").write_text(json.dumps(ex))
+    r = cli("adapters", "hydraopt", *lib4, "--storage", "0.5", "--examples", tmp_path / "ex.json", "--base-model", tmp_path / "g",
+            "--out", tmp_path / "b", "--json", tmp_path / "h.json")
+    assert r.exit_code == 0, r
+    assert json.loads((tmp_path / "h.json").read_text())["fit"]["config"]["data_weight"] > 0

@@ -67,3 +67,29 @@ def test_info_counts_equal_the_built_model(preset, cfg):
 
     built = parameter_report(build_model(preset, cfg, device="meta"))
     assert preset_report(get_preset(preset), cfg) == built
+
+
+def test_attach_refuses_pickle_weights(cli, tmp_path):
+    base = tiny_base("llama")
+    base.config.save_pretrained(tmp_path / "pkl")
+    torch.save(base.state_dict(), tmp_path / "pkl" / "pytorch_model.bin")  # a pickle: never loaded
+    r = cli("meki", "attach", "--model", tmp_path / "pkl", "--out", tmp_path / "mk")
+    assert_usage_error(r, "--model", "pickle")
+    assert not (tmp_path / "mk").exists()
+
+
+def test_attach_takes_a_gguf_file_or_folder(cli, tmp_path, ids):
+    from conftest import write_tiny_gguf
+
+    pytest.importorskip("gguf")
+    base = tiny_base("llama")
+    (tmp_path / "g").mkdir()
+    write_tiny_gguf(base, tmp_path / "g" / "tiny.gguf")
+    for src, out in ((tmp_path / "g" / "tiny.gguf", "mk1"), (tmp_path / "g", "mk2")):
+        r = cli("meki", "attach", "--model", src, "--out", tmp_path / out, "--d-mem", "8")
+        assert r.exit_code == 0, r
+        loaded = load_meki(tmp_path / out)
+        assert "quantization_config" not in json.loads((tmp_path / out / "config.json").read_text())
+        with torch.no_grad():
+            assert (loaded(ids).logits - base(ids).logits).abs().max() <= 1e-5
+    assert_usage_error(cli("meki", "attach", "--model", tmp_path / "g", "--out", tmp_path / "g" / "x"), "input")

@@ -23,7 +23,7 @@ TABLE_KEYS = {
     "dense_tok_s", "meki_tok_s", "unfolded_tok_s", "meki_cold_tok_s", "dense_fused_tok_s", "ratio",
     "ratio_vs_dense_fused", "ratio_cold", "ratio_cold_vs_dense_fused", "unfolded_ratio", "table_bytes",
     "touched_rows_bytes", "table_resident_bytes", "resident_over_touched", "rss_delta_bytes",
-    "rss_delta_over_table", "rss_delta_trimmed_bytes", "read_bytes_per_token", "rounds", "stop_reason",
+    "rss_delta_over_table", "rss_anon_delta_bytes", "rss_total_dense_bytes", "rss_total_meki_bytes", "read_bytes_per_token", "rounds", "stop_reason",
     "cold_rounds", "ratios", "speeds_tok_s", "cold_speeds_tok_s", "orders", "cold_orders", "verify_rows",
 }
 

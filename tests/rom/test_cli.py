@@ -177,3 +177,10 @@ def test_commands_moved_under_their_area(cli, bundle):
     assert cli("bundle", "--help").exit_code == 0
     r = cli("bundle", "verify")
     assert_usage_error(r, "Missing argument")
+
+
+def test_a_bundle_is_not_a_checkpoint_to_fold_or_attach(cli, bundle, tmp_path):
+    assert_usage_error(cli("meki", "fold", bundle, "--out", tmp_path / "f"), "meki-bundle")
+    assert_usage_error(cli("bundle", "export", bundle, "--out", tmp_path / "e"), "folded MeKi model with its tables in memory")
+    assert_usage_error(cli("meki", "attach", "--model", bundle, "--out", tmp_path / "a"), "already has MeKi")
+    assert not any((tmp_path / n).exists() for n in ("f", "e", "a"))
