@@ -1,6 +1,6 @@
-"""Where a decode step's time goes, dense vs the MeKi bundle: per-layer time of the FFN (with MeKi,
-for the bundle) and of attention, measured in place inside `generate()` with forward hooks, for
-three forms of the bundle's FFN: the C kernel (the default), the same fused layout in eager PyTorch
+"""Where a decode step's time goes, dense (as built, and with the fused FFN layout and kernel) vs
+the MeKi bundle: per-layer time of the FFN (with MeKi, for the bundle) and of attention, measured in
+place inside `generate()` with forward hooks, for three forms of the bundle's FFN: the C kernel (the default), the same fused layout in eager PyTorch
 (no kernel), and the unfused hook path. Timing hooks cost the same on every arm. Interleaved
 rounds; per-arm medians and medians of per-round ratios to dense.
 
@@ -22,7 +22,7 @@ from rich.table import Table
 from romscale.bench.decode import DecodeBenchConfig, _build, _generate, _prompt, rehome_weights
 from romscale.meki.fold import fold
 from romscale.meki.presets import get_preset
-from romscale.rom.fused import FusedMekiMLP, fuse_meki_ffn
+from romscale.rom.fused import FusedMekiMLP, fuse_dense_ffn, fuse_meki_ffn
 from romscale.rom.runtime import export_bundle, load_bundle
 from romscale.utils.outputs import write_json_output
 from romscale.utils.machine import machine_line
@@ -64,6 +64,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="romscale-profile-") as tmp:
         path = export_bundle(fold(_build(cfg, "meki")), Path(tmp) / "bundle")
         arms = {"dense": rehome_weights(_build(cfg, "dense"))}
+        dense_fused = _build(cfg, "dense")
+        fuse_dense_ffn(dense_fused)  # the control: the same fused layout and kernel, no MeKi
+        arms["dense_fused"] = rehome_weights(dense_fused)
         for form in ("kernel", "fused_eager", "hooks"):
             model = load_bundle(path).model
             if form != "hooks":

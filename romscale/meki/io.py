@@ -187,7 +187,10 @@ def materialize(model: nn.Module, file: Path, dtype: torch.dtype, device: str | 
         tensors = load_file(str(file), device=str(device))
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{file} could not be read (truncated or corrupt?): {exc}") from exc
-    tensors = {k: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for k, t in tensors.items()}
+    # load_file maps the file; private copies make the model independent of it (a file replaced or
+    # truncated while the model runs cannot fault it) and keep RAM accounting plain (heap, not
+    # file pages that stay mapped while any one tensor of the file is alive).
+    tensors = {k: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t.clone() for k, t in tensors.items()}
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
