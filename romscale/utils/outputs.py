@@ -144,7 +144,10 @@ def _locked(target: Path, what: str) -> Iterator[None]:
     """Hold an exclusive, non-blocking lock on `target`'s lock file for the duration."""
     lock = target.parent / f".{target.name}.{_LOCK}"
     for _ in range(3):
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputError(f"{what} {target}: cannot write in {target.parent} ({exc.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -165,6 +168,13 @@ def _locked(target: Path, what: str) -> Iterator[None]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)
         os.close(fd)
+
+
+def _make_parent(target: Path, what: str) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{what} {target}: cannot create its folder {target.parent} ({exc.strerror})") from None
 
 
 def _leftovers(target: Path, tag: str) -> list[Path]:
@@ -313,7 +323,7 @@ def output_dir(
     swapped in; on error the temporary folder is removed and the target is untouched."""
     inputs = list(inputs)
     final = check_target(target, kind=kind, inputs=inputs, overwrite=overwrite, what=what)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(final, what)
     with _locked(final, what):
         _recover(final)
         final = check_target(target, kind=kind, inputs=inputs, overwrite=overwrite, what=what)  # now under the lock
@@ -333,7 +343,7 @@ def _write_file_output(path: str | os.PathLike, data: bytes, kind: str, inputs: 
                        overwrite: bool, what: str) -> Path:
     inputs = list(inputs)
     final = check_target(path, kind=kind, inputs=inputs, overwrite=overwrite, what=what, is_file=True)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(final, what)
     with _locked(final, what):
         _recover(final)
         final = check_target(path, kind=kind, inputs=inputs, overwrite=overwrite, what=what, is_file=True)

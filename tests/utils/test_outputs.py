@@ -246,3 +246,12 @@ def test_png_outputs_are_recognised_by_their_text_chunk(tmp_path):
     with pytest.raises(OutputError, match="not written by romscale"):
         write_png_output(theirs, fig, overwrite=True)
     plt.close(fig)
+
+
+def test_an_unwritable_place_is_one_clear_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match=r"afile/sub/r.json: cannot create its folder"):
+        write_json_output(tmp_path / "afile" / "sub" / "r.json", {"a": 1})
+    with pytest.raises(OutputError, match="cannot create its folder"):
+        _write(tmp_path / "afile" / "o")
+    assert (tmp_path / "afile").read_text() == "x"
