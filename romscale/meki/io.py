@@ -200,14 +200,14 @@ def materialize(model: nn.Module, file: Path, dtype: torch.dtype, device: str | 
 
 
 def load_meki(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *, _skip_hash: Iterable[str] = ()
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> nn.Module:
     """Load a folder written by `save_meki`: the same form (training or folded), identical logits.
 
     A deploy bundle's RAM part loads in the external form; use romscale.rom.runtime.load_bundle to
     connect its ROM table."""
     path = Path(path)
-    _, hf_cfg, meki_cfg, folded, external = read_config(path, skip_hash=_skip_hash)
+    _, hf_cfg, meki_cfg, folded, external = read_config(path)
     model = build_empty(hf_cfg, meki_cfg, folded, external)
     file = member(path, WEIGHTS_FILE, CheckpointError, str(path / MANIFEST_FILE))
     check_weights(file, model)

@@ -28,6 +28,12 @@ def _console():
     return Console()
 
 
+def _console_wide():
+    from rich.console import Console
+
+    return Console(width=220)
+
+
 @app.command("export")
 def export(
     src: Path = typer.Argument(..., help="a MeKi checkpoint folder (folded, or training form: it is folded first)"),
@@ -188,5 +194,7 @@ def bench_decode_cmd(
         results.append(bench_decode(cfg, log=console.print))
     from romscale.bench.decode import results_table
 
-    console.print(results_table(results, title=f"batch-1 greedy decode, {preset} ({machine_line()})"))
+    # The table is wide: give it room when the output is a file or a pipe (rich assumes 80 columns).
+    wide = console if console.is_terminal else _console_wide()
+    wide.print(results_table(results, title=f"batch-1 greedy decode, {preset} ({machine_line()})"))
     write_json(json_out, {"machine": machine_line(), "results": results}, overwrite=overwrite)

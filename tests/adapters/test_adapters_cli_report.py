@@ -184,6 +184,9 @@ def test_bad_paths_and_outputs_fail_before_loading(cli, lib4, tmp_path, no_loadi
     (tmp_path / "notes.json").write_text("{}")
     assert_usage_error(cli("adapters", "report", *lib4, "--json", tmp_path / "notes.json", "--overwrite"), "--json", "not written by romscale")
     assert_usage_error(cli("adapters", "hydraopt", *lib4, "--out", tmp_path / "b", "--export-dir", lib4[2] / "x"), "--export-dir", "lies inside the input")
+    # The trust review's case: tasks exported to the inputs' parent would have replaced the inputs.
+    assert_usage_error(cli("adapters", "hydraopt", *lib4, "--out", tmp_path / "b", "--export-dir", lib4[0].parent, "--overwrite"),
+                       "--export-dir", "contains the input")
     assert_usage_error(cli("adapters", "hydraopt", *lib4, "--out", tmp_path / "b", "--export-dir", tmp_path / "b" / "t"), "overlap")
     assert_usage_error(cli("adapters", "extract", tmp_path / "nope", "--task", "a", "--out", tmp_path / "x"), "BUNDLE", "does not exist")
     assert_usage_error(cli("adapters", "extract", lib4[0], "--out", tmp_path / "x"), "exactly one of --task NAME and --all")
