@@ -146,5 +146,5 @@ def maybe_tokenizer(path: Path):
 
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: its tokenizer files cannot be loaded: {exc}") from exc
+    except Exception as exc:  # tokenizers' Rust parser raises plain Exception for a malformed tokenizer.json
+        raise CheckpointError(f"{path}: its tokenizer files cannot be loaded: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
