@@ -11,6 +11,7 @@ import typer
 
 from romscale.adapters.cli import app as adapters_app
 from romscale.cli_common import at_least, check_output, main as run_main, out_option, overwrite_option, seed_option
+from romscale.data.cli import app as data_app
 from romscale.meki.cli import app as meki_app
 from romscale.rom.cli import app as bundle_app
 
@@ -22,6 +23,7 @@ app = typer.Typer(
 app.add_typer(meki_app, name="meki")
 app.add_typer(bundle_app, name="bundle")
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(data_app, name="data")
 
 
 @app.command("demo")

@@ -1,0 +1,1 @@
+"""Packaged text -> cleaned, de-duplicated corpus -> memory-mapped token shards (`romscale data`)."""
