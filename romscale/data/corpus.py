@@ -6,7 +6,7 @@ documents in each source's order; first occurrence wins; no set or hash-seed ord
    space, trailing spaces cut, 3+ newlines made 2; documents under `min_chars` characters dropped.
 2. English filter (sources marked english_only only): at least `english_min_ratio` of the words are
    among 24 common English function words (the, of, and, to, ...), words counted in any script;
-   German, French, Russian, ... Wikipedia pages score under 0.15, English ones 0.25-0.4.
+   (threshold chosen by looking at a sample of the bigbench pages; not a committed measurement).
 3. exact de-duplication: sha256 of the lower-cased, whitespace-collapsed text.
 4. near de-duplication: MinHash (datasketch, `num_perm` permutations, seed 1, crc32 shingle hash) of
    word 5-gram shingles, LSH at Jaccard `near_threshold`; a document whose LSH candidates include an

@@ -90,7 +90,7 @@ def load_bundle(path: str | Path, prefetch: bool = False, dtype: torch.dtype = t
 
     Checked before anything is allocated: the folder manifest (every file's size, every hash but
     the table's), config.json against the weights' header and the table's manifest. `verify_rows`
-    checks each table row's checksum as it is read (on by default; costs ~2 us per token)."""
+    checks each table row's checksum as it is read (on by default; ~73 us per token here, benchmarks/row_verify_cost.py)."""
     path = Path(path)
     manifest, hf_cfg, meki_cfg, folded, external = read_config(path, kinds=(BUNDLE_KIND,), skip_hash=(TABLE_FILE,))
     model = build_empty(hf_cfg, meki_cfg, folded, external)

@@ -86,7 +86,7 @@ def check_target(
     if is_file:
         if not resolved.is_file():
             raise OutputError(f"{what} {target}: exists and is not a file; expected a path for a JSON file")
-        if not _is_romscale_json(resolved, kind):
+        if not _is_romscale_file(resolved, kind):
             raise OutputError(f"{what} {target}: exists and was not written by romscale (as its {kind} file); refusing to overwrite it")
     else:
         if not resolved.is_dir():
@@ -128,7 +128,8 @@ def _is_romscale_png(file: Path) -> bool:
         return f.read(8) == b"\x89PNG\r\n\x1a\n" and PNG_MARKER in f.read(4096)
 
 
-def _is_romscale_json(file: Path, kind: str) -> bool:
+def _is_romscale_file(file: Path, kind: str) -> bool:
+    """A file romscale wrote as `kind`: a PNG with its text chunk, or JSON with its marker key."""
     if kind == "png":
         return _is_romscale_png(file)
     try:
@@ -234,19 +235,15 @@ def _fsync_dir(d: Path) -> None:
 
 def _swap_in(tmp: Path, target: Path) -> None:
     """Put the complete folder or file `tmp` at `target`, keeping the old one until then."""
-    if not os.path.lexists(target):
-        os.replace(tmp, target) if tmp.is_file() else os.rename(tmp, target)
-    elif tmp.is_file():
-        os.replace(tmp, target)  # a file rename is atomic everywhere
-    elif not _exchange(tmp, target):
+    if tmp.is_file() or not os.path.lexists(target):
+        os.replace(tmp, target)  # atomic for a file, and for a folder onto nothing
+    elif not _exchange(tmp, target):  # after an exchange, tmp holds the old output
         new = tmp.with_name(tmp.name.replace(_TMP, _NEW))
         old = tmp.with_name(tmp.name.replace(_TMP, _OLD))
         os.rename(tmp, new)  # marks the new folder complete for _recover
         os.rename(target, old)
         os.rename(new, target)
         tmp = old
-    else:
-        pass  # tmp now holds the old output
     _fsync_dir(target.parent)
     if os.path.lexists(tmp):
         _remove(tmp)
