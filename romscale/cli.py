@@ -10,10 +10,13 @@ from typing import Optional
 import typer
 
 from romscale.adapters.cli import app as adapters_app
+from romscale.analysis.cli import app as analysis_app
 from romscale.cli_common import at_least, check_output, main as run_main, out_option, overwrite_option, seed_option
 from romscale.data.cli import app as data_app
+from romscale.eval.cli import app as eval_app
 from romscale.meki.cli import app as meki_app
 from romscale.rom.cli import app as bundle_app
+from romscale.train.cli import train_command
 
 app = typer.Typer(
     help="romscale: trade flash storage for on-device LLM quality. Commands are `romscale <area> <verb>`.",
@@ -24,6 +27,9 @@ app.add_typer(meki_app, name="meki")
 app.add_typer(bundle_app, name="bundle")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(data_app, name="data")
+app.add_typer(eval_app, name="eval")
+app.add_typer(analysis_app, name="analyze")
+app.command("train")(train_command)
 
 
 @app.command("demo")

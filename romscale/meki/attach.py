@@ -2,14 +2,15 @@
 
 Each MeKi branch is registered as a submodule `meki` of its decoder layer (so it saves, loads, moves
 and trains with the model) and wired in with forward hooks at the place its `position` names. The
-token ids reach the branches through a pre-hook on the decoder stack that records `input_ids` on
-every call: full forwards, each `generate()` step (a decode step records only the new tokens, which
-is what the cached positions need) and left-padded batches alike.
+token ids reach the branches through the id recorder every memory shares
+(romscale.memories.base.IdRecorder, one pre-hook on the decoder stack): full forwards, each
+`generate()` step (a decode step records only the new tokens, which is what the cached positions
+need) and left-padded batches alike.
 
-Adding a family: if its decoder layers follow the Llama layout (attributes below, attention
-returning a tuple whose first item is the output, the MLP called with the normalised hidden state),
-add its `model_type` to FAMILIES with the attribute names. Anything else needs its own entry with
-different names, or a new hook placement in `_install_hooks`.
+Adding a family: if its decoder layers follow the Llama layout (romscale.memories.base.Family,
+attention returning a tuple whose first item is the output, the MLP called with the normalised
+hidden state), add its `model_type` to FAMILIES there with the attribute names. Anything else needs
+its own entry with different names, or a new hook placement in `_install_hooks`.
 """
 
 from __future__ import annotations
@@ -24,24 +25,11 @@ from torch.utils.hooks import RemovableHandle
 from romscale.errors import RomscaleError, UnsupportedModelError
 from romscale.meki.config import MekiConfig
 from romscale.meki.layer import MekiBranch
+from romscale.memories.base import FAMILIES, Family, IdRecorder, get_path, join_recorder, leave_recorder
+from romscale.memories.base import family_of as _family_of
 
+__all__ = ["FAMILIES", "Family", "MekiState", "attach_meki", "detach_meki", "family_of", "meki_branches", "meki_state"]
 
-@dataclass(frozen=True)
-class Family:
-    """Where the pieces MeKi hooks into live in one architecture."""
-
-    layers: str = "model.layers"  # the ModuleList of decoder layers, from the *ForCausalLM root
-    decoder: str = "model"  # the module whose forward receives input_ids
-    attn: str = "self_attn"
-    mlp: str = "mlp"
-
-
-FAMILIES: dict[str, Family] = {
-    "llama": Family(),
-    "qwen2": Family(),
-    "qwen3": Family(),
-    "mistral": Family(),
-}
 
 MEKI_CONFIG_KEY = "meki"  # the section of config.json that carries the MeKi config
 
@@ -72,21 +60,11 @@ class MekiState:
         return None if rows is None else rows[..., slot, :]
 
 
-def _get(root: nn.Module, path: str) -> Any:
-    obj: Any = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
+_get = get_path
 
 
 def family_of(model: nn.Module) -> Family:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in FAMILIES:
-        raise UnsupportedModelError(
-            f"MeKi does not support model_type {model_type!r} ({type(model).__name__}); supported: "
-            f"{', '.join(sorted(FAMILIES))}. See romscale/meki/attach.py on adding a family."
-        )
-    return FAMILIES[model_type]
+    return _family_of(model, "MeKi")
 
 
 def meki_state(model: nn.Module) -> MekiState | None:
@@ -109,22 +87,13 @@ def _first_input(args: tuple, kwargs: dict, name: str) -> torch.Tensor:
 def _install_hooks(model: nn.Module, state: MekiState, embedding: nn.Embedding) -> None:
     fam = state.family
 
-    def record_ids(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            raise RomscaleError(
-                "a MeKi model needs token ids on every call: pass input_ids, not inputs_embeds "
-                "(the memory rows are addressed by token id)"
-            )
-        vocab = embedding.num_embeddings
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-            bad = ids[(ids < 0) | (ids >= vocab)].flatten()[0].item()
-            raise RomscaleError(f"token id {bad} is out of range for this model's vocabulary of {vocab} (tokenizer and model do not match?)")
-        state.ids = ids
-        state.rows = state.row_source(ids) if state.row_source is not None else None
+    def on_ids(rec: IdRecorder) -> None:
+        # The shared recorder (romscale.memories.base) has checked the ids; MeKi reads rows by
+        # the current call's token ids only, so it keeps no history.
+        state.ids = rec.ids
+        state.rows = state.row_source(rec.ids) if state.row_source is not None else None
 
-    decoder = _get(model, fam.decoder)
-    state.handles.append(decoder.register_forward_pre_hook(record_ids, with_kwargs=True))
+    join_recorder(model, "meki", keep=0, listener=on_ids)
 
     def branch_out(branch: MekiBranch, h: torch.Tensor) -> torch.Tensor:
         return branch(h, state.ids, embedding.weight, rows=state.layer_rows(branch.slot))
@@ -187,13 +156,7 @@ def attach_meki(model: nn.Module, cfg: MekiConfig, folded: bool = False, externa
     fam = family_of(model)
     if meki_state(model) is not None:
         raise RomscaleError("this model already has MeKi attached")
-    try:
-        layers = _get(model, fam.layers)
-        _get(model, fam.decoder)
-    except AttributeError as exc:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} does not have the expected layout ({fam}): {exc}"
-        ) from exc
+    layers = _get(model, fam.layers)  # family_of checked the layout
     embedding = model.get_input_embeddings()
     vocab_size, d_model = embedding.weight.shape
     folded = folded or external
@@ -221,6 +184,7 @@ def detach_meki(model: nn.Module) -> nn.Module:
         raise RomscaleError("this model has no MeKi attached")
     for h in state.handles:
         h.remove()
+    leave_recorder(model, "meki")
     for _, layer in _layer_items(model, state):
         del layer.meki
     del model._meki_state

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from romscale.errors import RomscaleError
+from romscale.memories.base import MemoryConfig
 
 Memory = Literal["static+dynamic", "static", "dynamic"]
 Position = Literal["parallel_ffn", "parallel_attn", "after_attn", "after_ffn"]
@@ -19,7 +20,7 @@ DYNAMIC_PROJS: tuple[str, ...] = ("swiglu", "linear")
 
 
 @dataclass(frozen=True)
-class MekiConfig:
+class MekiConfig(MemoryConfig):
     """Shape and variant of the MeKi memory attached to every decoder layer.
 
     d_mem: memory width (the paper uses d/8 for 0.6B and 1.7B).

@@ -36,26 +36,39 @@ def _console_wide():
 
 @app.command("export")
 def export(
-    src: Path = typer.Argument(..., help="a MeKi checkpoint folder (folded, or training form: it is folded first)"),
+    src: Path = typer.Argument(..., help="a MeKi checkpoint folder (folded, or training form: it is folded first), or a memory checkpoint (PLE, Engram, fat embedding; romscale.meki.io.save_memories)"),
     out: Path = out_option(help="output bundle folder"),
     dtype: str = typer.Option("fp16", help="ROM table dtype: fp16 | bf16 | int8"),
     clamp: bool = typer.Option(False, help="saturate table values beyond the dtype's range instead of refusing them (NaN is always refused)"),
     block_rows: int = typer.Option(4096, help="rows per sha256 block in the ROM manifest"),
     overwrite: bool = overwrite_option(),
 ) -> None:
-    """Write a deploy bundle: RAM part (safetensors + config) and one packed ROM table file."""
+    """Write a deploy bundle: RAM part (safetensors + config) and one packed ROM table file per memory."""
     choice("--dtype", dtype, TABLE_DTYPES)
     at_least("--block-rows", block_rows, 1)
     existing_dir("SRC", src, "a MeKi checkpoint folder")
-    check_output("--out", out, kind="meki-bundle", inputs=[src], overwrite=overwrite)
+    from romscale.utils.outputs import output_kind
+
+    memories = output_kind(src) == "memory-checkpoint"  # PLE / Engram / fat / several: one table per memory
+    check_output("--out", out, kind="memory-bundle" if memories else "meki-bundle", inputs=[src], overwrite=overwrite)
     from romscale.meki.cli import maybe_tokenizer
     from romscale.meki.fold import fold
-    from romscale.meki.io import load_meki
-    from romscale.rom.runtime import export_bundle
+    from romscale.meki.io import load_memories, load_meki
+    from romscale.rom.runtime import export_bundle, export_memory_bundle
 
-    model = fold(load_meki(src))
-    export_bundle(model, out, dtype=dtype, tokenizer=maybe_tokenizer(src), block_rows=block_rows, clamp=clamp,
-                  overwrite=overwrite, inputs=[src])
+    if memories:
+        from romscale.memories.base import attached_memories
+
+        model = load_memories(src)
+        for mem in attached_memories(model):
+            if mem.foldable:
+                mem.fold(model)
+        export_memory_bundle(model, out, dtype=dtype, tokenizer=maybe_tokenizer(src), block_rows=block_rows, clamp=clamp,
+                             overwrite=overwrite, inputs=[src])
+    else:
+        model = fold(load_meki(src))
+        export_bundle(model, out, dtype=dtype, tokenizer=maybe_tokenizer(src), block_rows=block_rows, clamp=clamp,
+                      overwrite=overwrite, inputs=[src])
     _console().print(f"bundle written to {out}")
 
 
@@ -68,8 +81,16 @@ def verify(
     """Check every file's sha256, the config against weights and table, every block and row checksum."""
     existing_dir("BUNDLE", bundle, "a deploy bundle folder")
     check_output("--json", json_out, kind="report", inputs=[bundle], overwrite=overwrite, is_file=True)
-    from romscale.rom.runtime import verify_bundle
+    from romscale.rom.runtime import verify_bundle, verify_memory_bundle
+    from romscale.utils.outputs import output_kind
 
+    if output_kind(bundle) == "memory-bundle":
+        s = verify_memory_bundle(bundle)
+        for name, t in s["memories"].items():
+            _console().print(f"OK: {bundle} {name} ({t['dtype']} table, {t['rows']} rows by {t['address']} x {t['num_layers']} x {t['width']}, "
+                             f"{t['table_bytes']:,} bytes; {t['blocks']} blocks checked)")
+        write_json(json_out, s, inputs=[bundle], overwrite=overwrite)
+        return
     s = verify_bundle(bundle)
     _console().print(
         f"OK: {bundle} ({s['files']} files; {s['dtype']} table, {s['vocab_size']} x {s['num_layers']} x {s['d_mem']}, "
@@ -107,9 +128,11 @@ def generate(
     from transformers import TextStreamer
 
     from romscale.rom.fused import fuse_meki_ffn
-    from romscale.rom.runtime import load_bundle
+    from romscale.rom.runtime import load_bundle, load_memory_bundle
+    from romscale.utils.outputs import output_kind
 
-    b = load_bundle(bundle, prefetch=prefetch)
+    load = load_memory_bundle if output_kind(bundle) == "memory-bundle" else load_bundle
+    b = load(bundle, prefetch=prefetch)
     try:
         vocab = b.model.get_input_embeddings().num_embeddings
         if chat:

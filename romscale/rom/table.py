@@ -1,5 +1,8 @@
 """The ROM table file: all layers' folded MeKi tables packed token-major, [|V|, L x d_mem], so one
-token's rows for every layer are one contiguous read.
+token's rows for every layer are one contiguous read. The other memories use the same format (one
+table file per memory, keyed by memory type; romscale.rom.runtime): PLE and the fat embedding are
+addressed by token id like MeKi, Engram by hashed n-gram id ("vocab_size" is then the number of
+addressable rows, and "address" says which).
 
 On disk it is a plain safetensors file (tensor "table", plus "scales" [|V|, L] fp16 for int8, plus
 "row_crc32" [|V|]), which any safetensors tool can open, next to a JSON manifest with what
@@ -112,8 +115,14 @@ def write_table(
     meki: dict[str, Any],
     block_rows: int = 4096,
     clamp: bool = False,
+    *,
+    memory: str = "meki",
+    address: str = "token",
+    table_file: str = TABLE_FILE,
+    manifest_file: str = MANIFEST_FILE,
 ) -> dict[str, Any]:
-    """Write TABLE_FILE and MANIFEST_FILE into `out_dir` (a folder the caller owns). Returns the manifest."""
+    """Write `table_file` and `manifest_file` into `out_dir` (a folder the caller owns). Returns the
+    manifest. `meki`: the memory's config, stored under the key `memory` (the memory type)."""
     if not isinstance(block_rows, int) or block_rows < 1:
         raise RomscaleError(f"block_rows must be a positive integer; got {block_rows!r}")
     tensors = pack_tables(tables, dtype, layers, clamp=clamp)
@@ -143,15 +152,17 @@ def write_table(
         "num_layers": len(layers),
         "d_mem": width // len(layers),
         "layers": layers,
-        "meki": meki,
+        memory: meki,
+        # The classic MeKi bundle's manifest stays as it was; every other table names its memory.
+        **({} if (memory, table_file) == ("meki", TABLE_FILE) else {"memory": memory, "address": address}),
         "block_rows": block_rows,
-        "file": TABLE_FILE,
+        "file": table_file,
         "file_bytes": len(blob),
         "header_bytes": 8 + header_len,
         "tensors": entries,
     }
-    (out_dir / TABLE_FILE).write_bytes(blob)
-    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    (out_dir / table_file).write_bytes(blob)
+    (out_dir / manifest_file).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
 
 
@@ -162,10 +173,10 @@ def _positive_int(m: dict, key: str, file: Path) -> int:
     return v
 
 
-def read_manifest(bundle_dir: Path) -> dict[str, Any]:
+def read_manifest(bundle_dir: Path, manifest_file: str = MANIFEST_FILE) -> dict[str, Any]:
     """Parse and validate the ROM manifest's structure (types, counts, offsets); no file data read."""
-    file = bundle_dir / MANIFEST_FILE
-    m = read_json(file, CheckpointError, f"a romscale bundle holds {MANIFEST_FILE} and {TABLE_FILE}")
+    file = bundle_dir / manifest_file
+    m = read_json(file, CheckpointError, f"a romscale bundle holds {manifest_file} and {TABLE_FILE if manifest_file == MANIFEST_FILE else 'its table file'}")
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not a romscale ROM manifest (format {FORMAT!r} expected)")
     if m.get("version") != VERSION:
@@ -216,10 +227,10 @@ class _Mapped:
 class RomTable:
     """Read-only, memory-mapped access to a ROM table. Rows are read on demand and verified."""
 
-    def __init__(self, bundle_dir: str | Path, verify_rows: bool = True) -> None:
+    def __init__(self, bundle_dir: str | Path, verify_rows: bool = True, manifest_file: str = MANIFEST_FILE) -> None:
         self.dir = Path(bundle_dir)
-        self.manifest = m = read_manifest(self.dir)
-        self.path = member(self.dir, m.get("file"), CheckpointError, str(self.dir / MANIFEST_FILE))
+        self.manifest = m = read_manifest(self.dir, manifest_file)
+        self.path = member(self.dir, m.get("file"), CheckpointError, str(self.dir / manifest_file))
         size = self.path.stat().st_size
         if size != m["file_bytes"]:
             raise CheckpointError(f"{self.path} has {size:,} bytes, the manifest says {m['file_bytes']:,}: truncated or replaced")

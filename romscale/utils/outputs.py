@@ -128,10 +128,21 @@ def _is_romscale_png(file: Path) -> bool:
         return f.read(8) == b"\x89PNG\r\n\x1a\n" and PNG_MARKER in f.read(4096)
 
 
+TEXT_MARKER = "<!-- romscale_output: {kind} -->"  # first line of every text (markdown) file romscale writes
+
+
+def _is_romscale_text(file: Path, kind: str) -> bool:
+    with open(file, "rb") as f:
+        return f.readline(256).rstrip(b"\r\n") == TEXT_MARKER.format(kind=kind).encode()
+
+
 def _is_romscale_file(file: Path, kind: str) -> bool:
-    """A file romscale wrote as `kind`: a PNG with its text chunk, or JSON with its marker key."""
+    """A file romscale wrote as `kind`: a PNG with its text chunk, a text file with its marker line,
+    or JSON with its marker key."""
     if kind == "png":
         return _is_romscale_png(file)
+    if _is_romscale_text(file, kind):
+        return True
     try:
         obj = read_json(file, OutputError)
     except OutputError:
@@ -336,6 +347,28 @@ def output_dir(
             raise
 
 
+def work_dir(
+    target: str | os.PathLike, *, kind: str, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False,
+    what: str = "output", meta: dict[str, Any] | None = None,
+) -> Path:
+    """A resumable output folder for long runs (a library of adapters being trained, a benchmark's
+    work); returns its path.
+
+    Missing or empty: created by `output_dir`, with a manifest marked `"resumable": true` whose file
+    list stays empty (the parts inside are written one by one, each through `output_dir` or
+    `write_json_output`, and verified on their own). An existing romscale folder of the same kind is
+    resumed as it is, so finished parts are reused; with `overwrite` it is replaced by an empty one.
+    Anything else is refused exactly as `check_target` refuses it."""
+    inputs = list(inputs)
+    final = check_target(target, kind=kind, inputs=inputs, overwrite=True, what=what)
+    if final.is_dir() and any(final.iterdir()) and not overwrite:
+        return final  # same kind (check_target refused any other): resume
+    with output_dir(final, kind=kind, inputs=inputs, overwrite=overwrite, what=what,
+                    meta={"resumable": True, **(meta or {})}):
+        pass
+    return final
+
+
 def _write_file_output(path: str | os.PathLike, data: bytes, kind: str, inputs: Iterable[str | os.PathLike],
                        overwrite: bool, what: str) -> Path:
     inputs = list(inputs)
@@ -379,6 +412,14 @@ def write_png_output(path: str | os.PathLike, fig: Any, *, inputs: Iterable[str 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": "romscale"})
     return _write_file_output(path, buf.getvalue(), "png", inputs, overwrite, what)
+
+
+def write_text_output(path: str | os.PathLike, text: str, *, kind: str, inputs: Iterable[str | os.PathLike] = (),
+                      overwrite: bool = False, what: str = "output") -> Path:
+    """Write a text (markdown) report under the output rules; its first line is an HTML comment
+    marking it as romscale's (invisible when the markdown is rendered)."""
+    data = (TEXT_MARKER.format(kind=kind) + "\n" + text).encode()
+    return _write_file_output(path, data, kind, inputs, overwrite, what)
 
 
 # -- readers ----------------------------------------------------------------------------------------

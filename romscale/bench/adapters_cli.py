@@ -1,0 +1,60 @@
+"""`romscale adapters benchmark CONFIG.yaml`: the score-vs-storage benchmark (thin: check, run, write)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from romscale.cli_common import UsageError, at_least, check_output, json_option, out_option, overwrite_option, write_json
+
+RESULT_KIND = "adapters-benchmark-results"  # == romscale.bench.adapters.RESULT_KIND (checked by a test)
+
+
+def benchmark(
+    config: Path = typer.Argument(..., help="benchmark config (YAML; fields: docs/adapters.md#benchmark)"),
+    out: Path = out_option(help="work folder: trained LoRAs and finished points; an existing one is resumed"),
+    json_out: Optional[Path] = json_option(),
+    md: Optional[Path] = typer.Option(None, "--md", help="also write the markdown table to this file", metavar="PATH"),
+    png: Optional[Path] = typer.Option(None, "--png", help="also write the score-vs-storage plot to this file", metavar="PATH"),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="start no new point after this many minutes; "
+                                                "the results list what is missing and a rerun resumes it"),
+    overwrite: bool = overwrite_option(),
+) -> None:
+    """Train one LoRA per task, then score every method at every budget: JSON, table and plot."""
+    if max_minutes is not None:
+        at_least("--max-minutes", max_minutes, 0.0, strict=True)
+    if not config.is_file():
+        raise UsageError(f"CONFIG {config}: no such file; expected a YAML benchmark config")
+    from romscale.utils.config import load_config
+    from romscale.bench.adapters import AdapterBenchmarkConfig
+
+    cfg = load_config(AdapterBenchmarkConfig, config)
+    bank = Path(cfg.bank)
+    if not bank.is_dir():
+        raise UsageError(f"{config}: bank {bank} is not a folder; build one with romscale data taskbank --out {bank}")
+    inputs = [bank, config]
+    for opt, path in (("--json", json_out), ("--md", md), ("--png", png)):
+        check_output(opt, path, kind="png" if opt == "--png" else RESULT_KIND, inputs=inputs, overwrite=overwrite, is_file=True)
+    from rich.console import Console
+
+    from romscale.bench.adapters import AdapterBenchmark
+    from romscale.bench.adapters_report import figure, markdown
+    from romscale.utils.outputs import write_json_output, write_png_output, write_text_output
+
+    console = Console(stderr=True)
+    run = AdapterBenchmark(cfg, out, overwrite=overwrite, progress=sys.stderr.isatty(), log=console.print)
+    results = run.run(max_seconds=None if max_minutes is None else 60.0 * max_minutes)
+    write_json_output(run.out / "results.json", results, kind=RESULT_KIND, overwrite=True)
+    text = markdown(results)
+    write_text_output(run.out / "results.md", text, kind=RESULT_KIND, overwrite=True)
+    fig = figure(results)
+    write_png_output(run.out / "results.png", fig, overwrite=True)
+    console.print(text)
+    write_json(json_out, results, inputs=inputs, overwrite=overwrite, kind=RESULT_KIND)
+    if md is not None:
+        write_text_output(md, text, kind=RESULT_KIND, inputs=inputs, overwrite=overwrite, what="--md")
+    if png is not None:
+        write_png_output(png, fig, inputs=inputs, overwrite=overwrite, what="--png")

@@ -1,0 +1,78 @@
+"""The model a training config describes: a Llama of the configured shape with the corpus tokenizer's
+vocabulary, plus its memory. `build_model` is the one place a memory is attached; the memory
+registry (romscale.memories) plugs in here."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from romscale.train.config import ModelConfig, TrainConfig
+
+
+def llama_config(m: ModelConfig, vocab_size: int, max_positions: int, eos_id: int | None = None):
+    """The transformers LlamaConfig of `m` (no dropout: the forward is deterministic)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=m.hidden,
+        intermediate_size=m.ffn,
+        num_hidden_layers=m.layers,
+        num_attention_heads=m.heads,
+        num_key_value_heads=m.kv_heads,
+        head_dim=m.head_dim or m.hidden // m.heads,
+        max_position_embeddings=max_positions,
+        rope_theta=m.rope_theta,
+        tie_word_embeddings=m.tie_embeddings,
+        initializer_range=m.init_std,
+        eos_token_id=eos_id,
+        bos_token_id=None,
+        pad_token_id=eos_id,
+    )
+
+
+def meki_config(m: ModelConfig):
+    from romscale.meki.config import MekiConfig
+
+    o = m.meki
+    return MekiConfig(d_mem=o.d_mem, memory=o.memory, position=o.position, fusion=o.fusion, dynamic_proj=o.dynamic_proj,
+                      zero_init_output=o.zero_init_output, init_std=o.init_std, layers=o.layers)
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int | None = None, *, device: str | torch.device = "cpu") -> nn.Module:
+    """A freshly initialised model for `cfg` (seeded by cfg.seed), with its memory attached.
+
+    `vocab_size` / `eos_id` come from the corpus (romscale.data.corpus.Corpus)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(llama_config(cfg.model, vocab_size, cfg.data.seq_len, eos_id), dtype=torch.float32)
+    memory = cfg.model.memory
+    if memory == "meki":
+        from romscale.meki.attach import attach_meki
+
+        attach_meki(model, meki_config(cfg.model))
+    elif memory != "none":  # config validation allows only the names above; a new one must be wired here
+        raise ValueError(f"internal: memory {memory!r} has no builder")
+    return model
+
+
+def table_parameters(model: nn.Module) -> set[int]:
+    """ids of token-indexed tables: every nn.Embedding weight (input embedding, MeKi static tables,
+    and the output projection when it is tied to the embedding)."""
+    return {id(mod.weight) for mod in model.modules() if isinstance(mod, nn.Embedding)}
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_tables: bool) -> list[dict]:
+    """AdamW groups by the nanoGPT rule: decay every parameter with 2+ dimensions (matrices and
+    tables); never biases, norm gains or scalars (MeKi's alpha / beta). With decay_tables=False the
+    token-indexed tables are exempt too (their rows get gradient only when their token occurs, so
+    decoupled decay shrinks rare rows on every step)."""
+    tables = table_parameters(model) if not decay_tables else set()
+    decay, no_decay = [], []
+    for p in model.parameters():  # model.parameters() yields a tied weight once
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and id(p) not in tables else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,138 @@
+"""`romscale adapters benchmark` end to end on a tiny random Llama and a 4-task bank."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import assert_usage_error, hf_tokenizer
+
+from romscale.bench.adapters import RESULT_KIND, AdapterBenchmarkConfig, plan
+from romscale.bench.adapters_cli import RESULT_KIND as CLI_RESULT_KIND
+from romscale.data.taskbank import Example, write_task_bank
+
+WORDS = "the cat sat on a mat and then ran off to see her old friend".split()
+
+
+def _split(prefix, n, start, upper):
+    rows = []
+    for k in range(start, start + n):
+        text = " ".join(WORDS[(k * 5 + j) % len(WORDS)] for j in range(1 + k % 3))
+        rows.append(Example(f"{prefix}{k}", f"{text} {k}", text.upper() if upper else text))
+    return rows
+
+
+def _spec(name):
+    family, lang = name.split("-")
+    return {"name": name, "family": family, "language": lang, "metric": "exact_match", "template": "Do it.\n{input}",
+            "labels": None, "max_new_tokens": 4, "sizes": {}, "source": "synthetic", "license": "CC0"}
+
+
+CONFIG = """\
+bank: {bank}
+base: {base}
+tasks: null
+budgets: [2]
+seeds: {{d2c: 1, random: 2}}
+single_merges: [task_arithmetic, ties]
+hydraopt_storage: [0.5]
+train: {{rank: 4, alpha: 8, steps: 3, lr: 0.01, batch_size: 4, max_len: 40}}
+d2c: {{iterations: 3, n: 2}}
+limit: 3
+batch_size: 8
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_llama):
+    root = tmp_path_factory.mktemp("abench")
+    names = ["upper-en", "upper-de", "copy-en", "copy-de"]
+    tasks = [(_spec(n), {s: _split(n[:2], size, start, n.startswith("upper")) for s, size, start in
+                         (("train", 6, 0), ("val", 2, 40), ("test", 3, 80))}) for n in names]
+    bank = write_task_bank(tasks, root / "bank")
+    base = root / "base"
+    tiny_llama(0).save_pretrained(base)
+    hf_tokenizer().save_pretrained(base)
+    cfg = root / "bench.yaml"
+    cfg.write_text(CONFIG.format(bank=bank, base=base))
+    return root, cfg, names
+
+
+@pytest.fixture(scope="module")
+def run(setup):
+    from romscale.cli import app
+    from romscale.cli_common import main
+
+    root, cfg, _ = setup
+    main(app, ["adapters", "benchmark", str(cfg), "--out", str(root / "work"), "--json", str(root / "r.json"),
+               "--md", str(root / "r.md"), "--png", str(root / "r.png")])
+    return json.loads((root / "r.json").read_text())
+
+
+def test_result_kinds_agree():
+    assert RESULT_KIND == CLI_RESULT_KIND
+
+
+def test_every_point_scored_with_exact_storage(setup, run):
+    root, cfg, names = setup
+    ids = {p["id"] for p in run["points"]}
+    expected = {p.id for p in plan(AdapterBenchmarkConfig(bank="b", budgets=(2,), seeds={"d2c": 1, "random": 2},
+                                                          single_merges=("task_arithmetic", "ties"), hydraopt_storage=(0.5,)), 4)}
+    assert ids == expected
+    by = {p["id"]: p for p in run["points"]}
+    assert by["zero_shot_s0"]["storage"]["bytes"] == 0
+    assert by["individual_s0"]["storage"]["fraction_bytes"] == 1.0
+    for pid, p in by.items():
+        assert set(p["scores"]) == set(names) and all(0 <= s["score"] <= 100 and s["n"] == 3 for s in p["scores"].values())
+        if pid.startswith("cluster-"):  # K = 2 merged rank-4 adapters of 4 equal ones: half the bytes
+            assert p["storage"]["fraction_bytes"] == 0.5 and sorted(set(p["partition"].values())) == [0, 1]
+        if pid.startswith("merge-"):
+            assert p["storage"]["fraction_bytes"] == 0.25
+    assert by["cluster-oracle_family_k2_s0"]["partition"] == {"upper-en": 0, "upper-de": 0, "copy-en": 1, "copy-de": 1}
+    assert by["cluster-oracle_language_k2_s0"]["partition"] == {"upper-en": 0, "upper-de": 1, "copy-en": 0, "copy-de": 1}
+    assert by["hydraopt_f0.5_s0"]["storage"]["fraction_bytes"] <= 0.5
+    assert by["d2c_hydraopt_k2_s0"]["storage"]["bytes"] == by["cluster-d2c-moved_k2_s0"]["storage"]["bytes"]
+    d2c = by["cluster-d2c-total_k2_s0"]["clustering"]
+    assert d2c["counts"]["loss_evals"] >= 1 and d2c["iterations_done"] == 3 and "timings_s" in d2c
+    # the individual LoRAs point is the mean of each task scored with its own adapter
+    ind = by["individual_s0"]
+    assert ind["mean_score"] == pytest.approx(sum(s["score"] for s in ind["scores"].values()) / 4)
+
+
+def test_summary_table_plot_and_targets(setup, run):
+    root, _, _ = setup
+    rows = {(r["method"], r["k"]) for r in run["summary"]}
+    assert ("cluster/random", 2) in rows and ("individual", None) in rows
+    rnd = next(r for r in run["summary"] if r["method"] == "cluster/random")
+    assert rnd["seeds"] == 2
+    md = (root / "r.md").read_text()
+    assert md.startswith("<!-- romscale_output: ") and "| random | 2 | 50.0 |" in md
+    assert (root / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"d2c_vs_kmeans_svd", "hydraopt_half", "hydraopt_single_vs_merges"} <= set(run["targets"])
+
+
+def test_resume_reuses_points_and_adapters(setup, run, cli):
+    root, cfg, _ = setup
+    work = root / "work"
+    before = {f.name: f.read_bytes() for f in (work / "points").glob("*.json")}
+    adapters = {f: f.stat().st_mtime_ns for f in (work / "lib").rglob("*.safetensors")}
+    r = cli("adapters", "benchmark", str(cfg), "--out", str(work))
+    assert r.exit_code == 0, r
+    assert {f.name: f.read_bytes() for f in (work / "points").glob("*.json")} == before
+    assert {f: f.stat().st_mtime_ns for f in (work / "lib").rglob("*.safetensors")} == adapters
+
+
+def test_bad_configs_are_one_error_line(setup, cli, tmp_path):
+    root, cfg, _ = setup
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(cfg.read_text() + "colour: blue\n")
+    assert_usage_error(cli("adapters", "benchmark", str(bad), "--out", str(tmp_path / "w")), "colour")
+    bad.write_text(cfg.read_text().replace("budgets: [2]", "budgets: [0]"))
+    assert_usage_error(cli("adapters", "benchmark", str(bad), "--out", str(tmp_path / "w")), "budgets")
+    bad.write_text(cfg.read_text().replace("budgets: [2]", "budgets: [9]"))
+    assert_usage_error(cli("adapters", "benchmark", str(bad), "--out", str(tmp_path / "w")), "K=9")
+    assert_usage_error(cli("adapters", "benchmark", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "w")), "none.yaml")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert_usage_error(cli("adapters", "benchmark", str(cfg), "--out", str(tmp_path / "mine")), "not a romscale output")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
