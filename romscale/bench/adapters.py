@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 from romscale.errors import RomscaleError
-from romscale.utils.config import from_dict, to_dict
+from romscale.utils.config import build, to_plain
 from romscale.utils.outputs import read_json, work_dir, write_json_output
 
 WORK_KIND = "adapters-benchmark"
@@ -143,7 +143,7 @@ class AdapterBenchmark:
         self.bank = TaskBank.open(self.bank_dir, self.cfg.tasks)
         self.tasks = self.bank.tasks
         self.names = self.bank.names
-        self.train_cfg = from_dict(LoraTrainConfig, dict(self.cfg.train), where="config.train")
+        self.train_cfg = build(LoraTrainConfig, dict(self.cfg.train), "config", prefix="train")
         from romscale.adapters.clusterers import get_clusterer
         from romscale.adapters.d2c import D2CConfig
         from romscale.adapters.merge import get_merge_method
@@ -153,7 +153,7 @@ class AdapterBenchmark:
             get_clusterer(c)
         for m in (self.cfg.merge, *self.cfg.single_merges):
             get_merge_method(m)
-        from_dict(D2CConfig, {**dict(self.cfg.d2c), "k": 1}, where="config.d2c")
+        build(D2CConfig, {**dict(self.cfg.d2c), "k": 1}, "config", prefix="d2c")
         t0 = time.perf_counter()
         self.train_record = train_task_adapters(self.bank, self.cfg.base, self.out / "lib", self.train_cfg,
                                                 tasks=self.names, progress=self.progress, log=self.log)
@@ -256,7 +256,7 @@ class AdapterBenchmark:
         if name == "d2c":
             base = dict(self.cfg.d2c)
             base.update(accept=accept, merge=self.cfg.merge)
-            options["config"] = from_dict(D2CConfig, {**base, "k": k, "seed": seed}, where="config.d2c")
+            options["config"] = build(D2CConfig, {**base, "k": k, "seed": seed}, "config", prefix="d2c")
             options["state"] = self.out / "points" / f"d2c-{accept}_k{k}_s{seed}.state.json"
             options["progress"] = self.progress
         elif name == "random":
@@ -358,7 +358,7 @@ class AdapterBenchmark:
 
         summary = summarise(points)
         return {
-            "config": to_dict(self.cfg),
+            "config": to_plain(self.cfg),
             "machine": machine_line(),
             "tasks": [{"name": t.name, "family": t.family, "language": t.language, "metric": t.metric} for t in self.tasks],
             "library": {"adapters": len(self.names), "bytes": self.lib_storage.bytes, "params": self.lib_storage.params,

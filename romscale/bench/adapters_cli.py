@@ -28,10 +28,10 @@ def benchmark(
         at_least("--max-minutes", max_minutes, 0.0, strict=True)
     if not config.is_file():
         raise UsageError(f"CONFIG {config}: no such file; expected a YAML benchmark config")
-    from romscale.utils.config import load_config
+    from romscale.utils.config import load
     from romscale.bench.adapters import AdapterBenchmarkConfig
 
-    cfg = load_config(AdapterBenchmarkConfig, config)
+    cfg = load(AdapterBenchmarkConfig, config, what="benchmark config", hint="docs/adapters.md#the-score-vs-storage-benchmark")
     bank = Path(cfg.bank)
     if not bank.is_dir():
         raise UsageError(f"{config}: bank {bank} is not a folder; build one with romscale data taskbank --out {bank}")

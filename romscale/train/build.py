@@ -1,6 +1,5 @@
 """The model a training config describes: a Llama of the configured shape with the corpus tokenizer's
-vocabulary, plus its memory. `build_model` is the one place a memory is attached; the memory
-registry (romscale.memories) plugs in here."""
+vocabulary, plus its memory (`attach_memory`, through the romscale.memories registry)."""
 
 from __future__ import annotations
 
@@ -40,6 +39,37 @@ def meki_config(m: ModelConfig):
                       zero_init_output=o.zero_init_output, init_std=o.init_std, layers=o.layers)
 
 
+def memory_config(m: ModelConfig, hf_config):
+    """The memory config `m` asks for (None for a dense model): MeKi from its typed section, the
+    others from memory_options; with rom_params, resized to that ROM budget."""
+    if m.memory == "none":
+        return None
+    from romscale.memories.base import get_memory
+    from romscale.utils.config import ConfigError
+
+    mem = get_memory(m.memory)
+    if m.memory == "meki":
+        if m.memory_options:
+            raise ConfigError("model.memory_options: MeKi takes its options from model.meki")
+        base = meki_config(m)
+    else:
+        try:
+            base = mem.config_cls.from_dict(dict(m.memory_options))
+        except Exception as exc:  # the memory's own validation: unknown or out-of-range fields
+            raise ConfigError(f"model.memory_options ({m.memory}): {exc}") from None
+    return mem.size_for_budget(m.rom_params, hf_config, base) if m.rom_params else base
+
+
+def attach_memory(model: nn.Module, m: ModelConfig) -> nn.Module:
+    """The one place a memory joins a model (the romscale.memories registry)."""
+    cfg = memory_config(m, model.config)
+    if cfg is not None:
+        from romscale.memories.base import get_memory
+
+        get_memory(m.memory).attach(model, cfg)
+    return model
+
+
 def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int | None = None, *, device: str | torch.device = "cpu") -> nn.Module:
     """A freshly initialised model for `cfg` (seeded by cfg.seed), with its memory attached.
 
@@ -49,13 +79,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int | None = None, *,
     torch.manual_seed(cfg.seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(llama_config(cfg.model, vocab_size, cfg.data.seq_len, eos_id), dtype=torch.float32)
-    memory = cfg.model.memory
-    if memory == "meki":
-        from romscale.meki.attach import attach_meki
-
-        attach_meki(model, meki_config(cfg.model))
-    elif memory != "none":  # config validation allows only the names above; a new one must be wired here
-        raise ValueError(f"internal: memory {memory!r} has no builder")
+    attach_memory(model, cfg.model)
     return model
 
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 RUN_KIND = "train-run"
 CHECKPOINT_KIND = "train-checkpoint"
-MODEL_KINDS = ("meki-checkpoint", "lm-model")
+MODEL_KINDS = ("meki-checkpoint", "memory-checkpoint", "lm-model")
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoint"

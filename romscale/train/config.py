@@ -8,26 +8,19 @@ docs/training.md is generated from these fields (`config_reference()`), so it ca
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
-from romscale.errors import RomscaleError
+from romscale.utils.config import ConfigError, build, read_yaml, reference, to_plain
+from romscale.utils.config import reference_markdown as _reference_markdown
 
 Precision = Literal["auto", "bf16", "fp32"]
-MemoryKind = Literal["none", "meki"]
+MemoryKind = Literal["none", "meki", "ple", "engram", "fat"]
 MekiMemory = Literal["static+dynamic", "static", "dynamic"]
 MekiPosition = Literal["parallel_ffn", "parallel_attn", "after_attn", "after_ffn"]
 MekiFusion = Literal["add_sigmoid", "mul_sigmoid", "add_silu", "mul_silu"]
 MekiDynamicProj = Literal["swiglu", "linear"]
-
-
-class ConfigError(RomscaleError):
-    """A training config file (or dict) that is malformed, has unknown keys or values out of range."""
 
 
 def _f(default: Any, help: str, **limits: Any) -> Any:
@@ -68,8 +61,11 @@ class ModelConfig:
     tie_embeddings: bool = _f(True, "share the input embedding with the output projection")
     rope_theta: float = _f(10000.0, "RoPE base frequency", gt=0)
     init_std: float = _f(0.02, "standard deviation of the initial weights (transformers initializer_range)", gt=0)
-    memory: MemoryKind = _f("none", "memory attached to the model: none (dense) or meki")
+    memory: MemoryKind = _f("none", "memory attached to the model: none (dense), meki, ple, engram, or fat (the fat-embedding control); docs/memories.md")
     meki: MekiOptions = _nested(MekiOptions, "MeKi options, used when memory is meki")
+    memory_options: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "fields of the memory's config when memory is ple, engram or fat (PleConfig, EngramConfig, FatConfig in docs/memories.md); unknown fields are errors"})
+    rom_params: int | None = _f(None, "size the memory to this ROM budget in parameters (its width chosen by romscale.memories.budget): matched arms", ge=1)
 
 
 @dataclass
@@ -120,7 +116,7 @@ class TrainConfig:
         return self.data.batch_size * self.data.grad_accum * processes
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
+        return to_plain(self)
 
     def to_yaml(self) -> str:
         import yaml
@@ -128,99 +124,7 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# -- reading and checking ---------------------------------------------------------------------------
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, tuple):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
-    if origin is tuple:
-        item = typing.get_args(tp)[0]
-        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(item, _type_name(item))
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
-
-
-def _convert(value: Any, tp: Any, path: str, where: str) -> Any:
-    origin = typing.get_origin(tp)
-
-    def bad() -> ConfigError:
-        return ConfigError(f"{where}: {path} must be {_type_name(tp)}; got {value!r}")
-
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise bad()
-        return _build(tp, value, path, where)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(value, args[0], path, where)
-    if origin is Literal:
-        if value not in typing.get_args(tp) or isinstance(value, bool):
-            raise bad()
-        return value
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise bad()
-        item = typing.get_args(tp)[0]
-        return tuple(_convert(v, item, f"{path}[{i}]", where) for i, v in enumerate(value))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad()
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad()
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise bad()
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad()
-        return value
-    raise TypeError(f"internal: config type {tp!r} at {path} is not handled")
-
-
-def _check_range(value: Any, f: dataclasses.Field, path: str, where: str) -> None:
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        return
-    for key, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                          ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
-        if key in f.metadata and not ok(value, f.metadata[key]):
-            raise ConfigError(f"{where}: {path} must be {word} {f.metadata[key]:g}; got {value!r}")
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in known:
-            path = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(f"{where}: unknown key {path!r}; {prefix or 'the top level'} takes "
-                              f"{', '.join(known)} (docs/training.md)")
-    kwargs = {}
-    for name, value in data.items():
-        path = f"{prefix}.{name}" if prefix else name
-        v = _convert(value, hints[name], path, where)
-        _check_range(v, known[name], path, where)
-        kwargs[name] = v
-    return cls(**kwargs)
-
-
+# -- reading and checking (romscale.utils.config: the one strict reader) ----------------------------
 def _check(cfg: TrainConfig, where: str) -> None:
     """Checks that span several fields."""
     m = cfg.model
@@ -238,27 +142,14 @@ def _check(cfg: TrainConfig, where: str) -> None:
 
 def config_from_dict(data: Any, where: str = "config") -> TrainConfig:
     """A validated TrainConfig from a plain dict (as YAML gives); `where` names the source in errors."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: the top level must be a mapping of keys to values; got {type(data).__name__}")
-    cfg = _build(TrainConfig, data, "", where)
+    cfg = build(TrainConfig, data, where, hint="docs/training.md")
     _check(cfg, where)
     return cfg
 
 
 def load_config(path: str | Path) -> TrainConfig:
     """Read a YAML training config (yaml.safe_load), strictly."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file; expected a YAML training config")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    return config_from_dict(data, str(path))
+    return config_from_dict(read_yaml(path, "training config"), str(path))
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
@@ -267,24 +158,9 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
 
 def config_reference(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(key path, type, default, help) for every field, depth first: the docs' reference table."""
-    rows = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        path = f"{prefix}.{f.name}" if prefix else f.name
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows.extend(config_reference(tp, path))
-            continue
-        limits = [f"{w} {f.metadata[k]:g}" for k, w in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if k in f.metadata]
-        help_text = f.metadata["help"] + (f" ({', '.join(limits)})" if limits else "")
-        rows.append((path, _type_name(tp), "null" if f.default is None else repr(f.default).replace("'", '"')
-                     if not isinstance(f.default, bool) else str(f.default).lower(), help_text))
-    return rows
+    return reference(cls, prefix)
 
 
 def reference_markdown() -> str:
     """The config reference as a Markdown table."""
-    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    for path, tp, default, help_text in config_reference():
-        lines.append(f"| `{path}` | {tp} | `{default}` | {help_text} |")
-    return "\n".join(lines)
+    return _reference_markdown(TrainConfig)

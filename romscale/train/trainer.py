@@ -250,15 +250,15 @@ def _summary(cfg: TrainConfig, metrics: list[dict[str, Any]], world: int, gb: in
 
 
 def _export_model(model, tokenizer, folder: Path, corpus_dir: Path) -> int:
-    """The final model as a MeKi checkpoint (fold / bundle read it) or a transformers folder; returns
-    its parameter count."""
-    from romscale.meki.attach import meki_state
+    """The final model as a memory checkpoint (MeKi, PLE, Engram, fat; fold / bundle read it) or a
+    transformers folder; returns its parameter count."""
+    from romscale.memories.base import attached_memories
     from romscale.utils.outputs import output_dir
 
-    if meki_state(model) is not None:
-        from romscale.meki.io import save_meki
+    if attached_memories(model):
+        from romscale.meki.io import save_memories
 
-        save_meki(model, folder, tokenizer=tokenizer, overwrite=True, inputs=[corpus_dir])
+        save_memories(model, folder, tokenizer=tokenizer, overwrite=True, inputs=[corpus_dir])
     else:
         with output_dir(folder, kind="lm-model", inputs=[corpus_dir], overwrite=True, what="model") as o:
             model.save_pretrained(o.path)

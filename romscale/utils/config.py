@@ -1,156 +1,199 @@
-"""Typed configs: nested dataclasses <-> YAML/JSON, strictly checked.
+"""Typed configs: nested dataclasses <-> YAML, strictly checked (one reader for every config file).
 
-One loader for every config file romscale reads (`romscale train CONFIG.yaml`, `romscale adapters
-benchmark CONFIG.yaml`): unknown keys are errors naming the key's path and the file, values are
-checked against the field's annotation (int, float, str, bool, Literal, tuples/lists of those,
-Optional, nested dataclasses), and each field's help text lives in `field(metadata={"help": ...})`
-so documentation can be generated from the dataclass itself.
+`romscale train CONFIG.yaml` and `romscale adapters benchmark CONFIG.yaml` both read through here:
+an unknown key, a wrong type or a value out of range raises ConfigError naming the file and the key
+path (`optim.lr`). Types come from the annotations (int, float, str, bool, Literal, Optional,
+tuples / lists / dicts of those, nested dataclasses, Any); ranges from the field's metadata
+(`ge` / `gt` / `le` / `lt`); help text from `metadata["help"]`, from which `reference` builds the
+docs' tables, so they cannot drift. Cross-field checks live in the dataclass's `__post_init__`
+(a ValueError there becomes a ConfigError naming the file).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import math
 import types
+import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, Union
 
 from romscale.errors import RomscaleError
 
 T = TypeVar("T")
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; refuse anything that is clearly not one
+_LIMITS = (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+           ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<"))
 
 
 class ConfigError(RomscaleError):
-    """A config file or value that does not match its dataclass."""
+    """A config file (or dict) that is malformed, has unknown keys or values out of range."""
 
 
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in get_args(tp))
-    if origin in (list, tuple):
-        args = [a for a in get_args(tp) if a is not Ellipsis]
-        return f"list of {_type_name(args[0])}" if args else "list"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is Literal:
-        if value in get_args(tp):
-            return value
-        raise ConfigError(f"{where}: expected one of {_type_name(tp)}; got {value!r}")
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(a, value, where)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{where}: expected {_type_name(tp)}; got {value!r}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected {_type_name(tp)}; got {value!r}")
-        (item,) = [a for a in get_args(tp) if a is not Ellipsis][:1] or [Any]
-        items = [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping; got {value!r}")
-        kt, vt = get_args(tp) or (Any, Any)
-        return {_convert(kt, k, f"{where}.{k}"): _convert(vt, v, f"{where}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp is Path:
-        if isinstance(value, str):
-            return Path(value)
-    else:
-        raise ConfigError(f"{where}: unsupported field type {tp!r}")
-    raise ConfigError(f"{where}: expected {_type_name(tp)}; got {value!r}")
-
-
-def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
-    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields; got {type(data).__name__}")
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; expected one of {', '.join(sorted(fields))}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _convert(hints[name], data[name], f"{where}.{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}: missing required key {name!r}")
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as e:  # __post_init__ range checks
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def to_dict(obj: Any) -> Any:
-    """A JSON/YAML-able form of a config dataclass (Paths as strings, tuples as lists)."""
+def to_plain(obj: Any) -> Any:
+    """A YAML/JSON-able form of a config dataclass (tuples as lists, Paths as strings)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [to_plain(v) for v in obj]
     if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
+        return {k: to_plain(v) for k, v in obj.items()}
     if isinstance(obj, Path):
         return str(obj)
     return obj
 
 
-def load_config(cls: type[T], path: str | os.PathLike) -> T:
-    """Read a YAML (or JSON, a subset of YAML) file into dataclass `cls`."""
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(type_name(a) for a in args) + " or null"
+    if origin in (tuple, list):
+        item = typing.get_args(tp)[0] if typing.get_args(tp) else Any
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(item, type_name(item))
+    if origin is dict or dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", Any: "any value"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{where}: {path} must be {type_name(tp)}; got {value!r}")
+
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad()
+        return build(tp, value, where, prefix=path)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        for a in args[:-1]:
+            try:
+                return _convert(value, a, path, where)
+            except ConfigError:
+                pass
+        return _convert(value, args[-1], path, where)
+    if origin is Literal:
+        if value not in typing.get_args(tp) or isinstance(value, bool):
+            raise bad()
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, list):
+            raise bad()
+        item = typing.get_args(tp)[0] if typing.get_args(tp) else Any
+        items = [_convert(v, item, f"{path}[{i}]", where) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return {_convert(k, kt, f"{path}.{k}", where): _convert(v, vt, f"{path}.{k}", where) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise bad()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    raise TypeError(f"internal: config type {tp!r} at {path} is not handled")
+
+
+def _check_range(value: Any, f: dataclasses.Field, path: str, where: str) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    for key, ok, word in _LIMITS:
+        if key in f.metadata and not ok(value, f.metadata[key]):
+            raise ConfigError(f"{where}: {path} must be {word} {f.metadata[key]:g}; got {value!r}")
+
+
+def build(cls: type[T], data: Any, where: str = "config", *, prefix: str = "", hint: str = "") -> T:
+    """Dataclass `cls` from a plain mapping (as YAML gives): unknown or missing keys, wrong types and
+    out-of-range values are ConfigErrors naming `where` and the key path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix or 'the top level'} must be a mapping of keys to values; got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in known:
+            path = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"{where}: unknown key {path!r}; {prefix or 'the top level'} takes "
+                              f"{', '.join(known)}{f' ({hint})' if hint else ''}")
+    for name, f in known.items():
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: missing required key {(prefix + '.' if prefix else '') + name!r}")
+    kwargs = {}
+    for name, value in data.items():
+        path = f"{prefix}.{name}" if prefix else name
+        v = _convert(value, hints[name], path, where)
+        _check_range(v, known[name], path, where)
+        kwargs[name] = v
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError, RomscaleError) as exc:  # __post_init__ checks
+        raise ConfigError(f"{where}: {prefix + ': ' if prefix else ''}{exc}") from None
+
+
+def read_yaml(path: str | Path, what: str = "config") -> Any:
+    """The plain data of a YAML file (yaml.safe_load: no arbitrary objects), size-capped."""
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: no such config file")
-    if p.stat().st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{p}: {p.stat().st_size:,} bytes is too large for a config file")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file; expected a YAML {what}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is too large for a {what}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))  # safe_load: no arbitrary objects
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return from_dict(cls, data if data is not None else {}, where=str(p))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
 
 
-def field_help(cls: type) -> list[tuple[str, str, Any, str]]:
-    """(name, type, default, help) for every field: the source of the config reference in docs."""
-    hints = get_type_hints(cls)
+def load(cls: type[T], path: str | Path, *, what: str = "config", hint: str = "") -> T:
+    """Dataclass `cls` from a YAML file, strictly."""
+    return build(cls, read_yaml(path, what), str(path), hint=hint)
+
+
+def reference(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key path, type, default, help) for every field, depth first: the docs' reference tables."""
     rows = []
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(reference(tp, path))
+            continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
-        rows.append((f.name, _type_name(hints[f.name]), to_dict(default), f.metadata.get("help", "")))
+        limits = [f"{w} {f.metadata[k]:g}" for k, _, w in _LIMITS if k in f.metadata]
+        help_text = f.metadata.get("help", "") + (f" ({', '.join(limits)})" if limits else "")
+        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else \
+            repr(to_plain(default)).replace("'", '"')
+        rows.append((path, type_name(tp), shown, help_text))
     return rows
 
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "field_help"]
+def reference_markdown(cls: type) -> str:
+    """The reference of `cls` as a Markdown table."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for path, tp, default, help_text in reference(cls):
+        lines.append(f"| `{path}` | {tp} | `{default}` | {help_text} |")
+    return "\n".join(lines)

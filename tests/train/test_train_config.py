@@ -51,7 +51,7 @@ def test_defaults_round_trip_through_yaml(tmp_path):
     ({"optim": {"beta2": 1.0}}, "optim.beta2 must be < 1"),
     ({"data": {"seq_len": 1}}, "data.seq_len must be >= 2"),
     ({"precision": "fp16"}, "precision must be one of 'auto', 'bf16', 'fp32'"),
-    ({"model": {"memory": "ple"}}, "model.memory must be one of 'none', 'meki'"),
+    ({"model": {"memory": "hopfield"}}, "model.memory must be one of 'none', 'meki', 'ple'"),
     ({"model": "big"}, "model must be a mapping"),
     ({"model": {"meki": {"layers": [0, "x"]}}}, "model.meki.layers[1] must be an integer"),
     ({"model": {"heads": 4, "kv_heads": 3}}, "model.kv_heads (3) must divide model.heads (4)"),

@@ -289,6 +289,33 @@ def test_meki_model_trains_and_exports_a_meki_checkpoint(corpus, tmp_path):
     assert any(".meki." in n for n, _ in model.named_parameters())
 
 
+@pytest.mark.parametrize("memory", ["ple", "engram", "fat"])
+def test_every_memory_trains_at_a_matched_rom_budget(corpus, tmp_path, memory):
+    """The same trainer for PLE / Engram / fat: sized by model.rom_params (the matched-arms knob),
+    trained, exported as a memory checkpoint whose ROM is within a few % of the budget."""
+    from romscale.meki.io import load_memories
+    from romscale.memories.base import attached_memories, get_memory
+
+    budget = 2400  # below the fat embedding's ceiling |V| x d on this tiny model
+    model_cfg = {"layers": 2, "hidden": 32, "ffn": 64, "heads": 4, "kv_heads": 2, "memory": memory, "rom_params": budget}
+    s = train(config_from_dict(tiny_cfg(corpus, steps=3, model=model_cfg)), tmp_path / "run", log=quiet)
+    assert s["memory"] == memory and math.isfinite(s["final_val_loss"])
+    model = load_memories(tmp_path / "run" / "model")
+    (mem,) = attached_memories(model)
+    assert mem.name == memory
+    rom = mem.rom_params(mem.config_of(model), model.config)
+    assert abs(rom - budget) / budget < 0.1, rom
+
+
+def test_memory_options_are_checked(corpus, tmp_path):
+    from romscale.utils.config import ConfigError
+
+    bad = tiny_cfg(corpus, steps=2, model={"layers": 2, "hidden": 32, "ffn": 64, "heads": 4, "kv_heads": 2,
+                                           "memory": "ple", "memory_options": {"d_plee": 4}})
+    with pytest.raises(ConfigError, match="d_plee"):
+        train(config_from_dict(bad), tmp_path / "run", log=quiet)
+
+
 # -- CLI --------------------------------------------------------------------------------------------
 def test_cli_train_and_usage_errors(cli, corpus, tmp_path):
     import yaml
