@@ -14,6 +14,11 @@ libraries under a storage budget (`romscale.adapters`). The public API, in one p
     bundle = rs.load_bundle("bundle/")                        # tables stay on storage (mmap)
     bank = rs.AdapterBank.load(["a/", "b/", "c/"])            # PEFT LoRA adapters
     rs.write_peft_adapter(rs.merge_adapters(bank, "ties").adapter, "merged/")
+    tasks = rs.TaskBank.open("bank/", "cpu-16")              # romscale data taskbank
+    rs.train_task_adapters(tasks, "smollm2-135m-instruct", "lib/", rs.LoraTrainConfig())
+    rs.AdapterBenchmark(rs.AdapterBenchmarkConfig(bank="bank/"), "work/").run()  # score vs storage
+    from romscale.train.trainer import train                 # LMs: dense, MeKi, PLE, Engram, fat
+    train(rs.TrainConfig(...), "run/")                        # (`romscale.train` is the package)
 
 Names are imported on first use (PEP 562), so `import romscale` does not import torch.
 """
@@ -40,6 +45,17 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time these resolve 
     from romscale.meki.params import parameter_report
     from romscale.models import load_causal_lm
     from romscale.rom.runtime import export_bundle, load_bundle, verify_bundle
+    from romscale.data.taskbank import TaskBank, write_task_bank
+    from romscale.adapters.train import LoraTrainConfig, train_task_adapters
+    from romscale.adapters.library import load_library
+    from romscale.eval.slot import AdapterSlot
+    from romscale.eval.generate import TaskEvaluator
+    from romscale.adapters.clusterers import ClusterProblem, get_clusterer
+    from romscale.adapters.d2c import D2CConfig, run_d2c
+    from romscale.bench.adapters import AdapterBenchmark, AdapterBenchmarkConfig
+    from romscale.train.config import TrainConfig
+    from romscale.memories.base import get_memory
+    from romscale.meki.io import load_memories, save_memories
 
 _EXPORTS: dict[str, str] = {
     "MekiConfig": "romscale.meki.config",
@@ -61,13 +77,64 @@ _EXPORTS: dict[str, str] = {
     "read_peft_adapter": "romscale.adapters.peft_io",
     "write_peft_adapter": "romscale.adapters.peft_io",
     "load_causal_lm": "romscale.models",
+    "TaskBank": "romscale.data.taskbank",
+    "write_task_bank": "romscale.data.taskbank",
+    "LoraTrainConfig": "romscale.adapters.train",
+    "train_task_adapters": "romscale.adapters.train",
+    "load_library": "romscale.adapters.library",
+    "AdapterSlot": "romscale.eval.slot",
+    "TaskEvaluator": "romscale.eval.generate",
+    "ClusterProblem": "romscale.adapters.clusterers",
+    "get_clusterer": "romscale.adapters.clusterers",
+    "D2CConfig": "romscale.adapters.d2c",
+    "run_d2c": "romscale.adapters.d2c",
+    "AdapterBenchmark": "romscale.bench.adapters",
+    "AdapterBenchmarkConfig": "romscale.bench.adapters",
+    "TrainConfig": "romscale.train.config",
+    "get_memory": "romscale.memories.base",
+    "save_memories": "romscale.meki.io",
+    "load_memories": "romscale.meki.io",
 }
 
 __all__ = [  # a literal list, so that static analysers read it; equals _EXPORTS + the two above
-    "AdapterBank", "HydraBundle", "HydraOptConfig", "MekiConfig", "MergeOptions", "RomscaleError",
-    "__version__", "attach_meki", "detach_meki", "export_bundle", "fit_hydraopt", "fold",
-    "load_bundle", "load_causal_lm", "load_meki", "merge_adapters", "parameter_report",
-    "read_peft_adapter", "save_meki", "verify_bundle", "write_peft_adapter",
+    "AdapterBank",
+    "AdapterBenchmark",
+    "AdapterBenchmarkConfig",
+    "AdapterSlot",
+    "ClusterProblem",
+    "D2CConfig",
+    "HydraBundle",
+    "HydraOptConfig",
+    "LoraTrainConfig",
+    "MekiConfig",
+    "MergeOptions",
+    "RomscaleError",
+    "TaskBank",
+    "TaskEvaluator",
+    "TrainConfig",
+    "__version__",
+    "attach_meki",
+    "detach_meki",
+    "export_bundle",
+    "fit_hydraopt",
+    "fold",
+    "get_clusterer",
+    "get_memory",
+    "load_bundle",
+    "load_causal_lm",
+    "load_library",
+    "load_meki",
+    "load_memories",
+    "merge_adapters",
+    "parameter_report",
+    "read_peft_adapter",
+    "run_d2c",
+    "save_meki",
+    "save_memories",
+    "train_task_adapters",
+    "verify_bundle",
+    "write_peft_adapter",
+    "write_task_bank",
 ]
 
 

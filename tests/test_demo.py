@@ -30,9 +30,39 @@ def tiny_demo(monkeypatch):
 
 
 def _cfg(out, **kw):
+    kw.setdefault("adapters", False)  # the adapter part needs the packaged SmolLM2: tested on its own below
     return pipeline.DemoConfig(
         out=out, preset="tiny", steps=4, eval_every=2, batch_size=4, block_size=16, vocab_size=300, new_tokens=4, val_blocks=5, **kw
     )
+
+
+def test_demo_adapter_part_on_a_tiny_model(tmp_path, monkeypatch, tiny_llama):
+    """The main job's adapter benchmark, on a tiny random Llama and a synthetic 4-task bank (the real
+    one builds the packaged tasks): every planned point is scored, results land in the folder."""
+    from conftest import hf_tokenizer
+
+    from romscale.data.taskbank import Example, write_task_bank
+
+    def fake_bank(names, out, **_):
+        rows = lambda p, n, s, up: [Example(f"{p}{k}", f"w{k % 5} x{k}", f"W{k % 5}" if up else f"w{k % 5}") for k in range(s, s + n)]
+        tasks = [({"name": n, "family": n.split("-")[0], "language": "en", "metric": "exact_match", "template": "{input}",
+                   "labels": None, "max_new_tokens": 3, "sizes": {}, "source": "synthetic", "license": "CC0"},
+                  {"train": rows(n[:3], 6, 0, i % 2), "val": rows(n[:3], 4, 50, i % 2), "test": rows(n[:3], 3, 80, i % 2)})
+                 for i, n in enumerate(names)]
+        return write_task_bank(tasks, out)
+
+    base = tmp_path / "base"
+    tiny_llama(0).save_pretrained(base)
+    hf_tokenizer().save_pretrained(base)
+    monkeypatch.setattr("romscale.data.tasksources.build_task_bank", fake_bank)
+    cfg = pipeline.DemoConfig(out=tmp_path / "unused", adapter_base=str(base), adapter_steps=2, adapter_examples=3)
+    r = pipeline.run_adapter_demo(cfg, tmp_path / "adapters", log=lambda *_: None)
+    methods = {row["method"] for row in r["summary"]}
+    assert {"zero_shot", "individual", "merge/ties", "hydraopt", "cluster/d2c-moved", "cluster/random",
+            "cluster/kmeans_svd", "cluster/oracle_family"} == methods
+    assert {p.name for p in (tmp_path / "adapters").iterdir()} >= {"bank", "work", "results.json", "results.md", "results.png"}
+    fam = json.loads((tmp_path / "adapters" / "work" / "points" / "cluster-oracle_family_k2_s0.json").read_text())
+    assert fam["partition"] == {"topic-bbc-en": 0, "topic-reuters-en": 0, "topic-newsgroups-en": 0, "summarisation-bbc-en": 1}
 
 
 def test_demo_plots_and_reports_one_validation_figure(tmp_path, tiny_demo):

@@ -16,6 +16,9 @@ EXPECTED = {
     "AdapterBank", "merge_adapters", "MergeOptions", "fit_hydraopt", "HydraOptConfig", "HydraBundle",
     "read_peft_adapter", "write_peft_adapter",
     "load_causal_lm", "RomscaleError", "__version__",
+    "TaskBank", "write_task_bank", "LoraTrainConfig", "train_task_adapters", "load_library", "AdapterSlot",
+    "TaskEvaluator", "ClusterProblem", "get_clusterer", "D2CConfig", "run_d2c", "AdapterBenchmark",
+    "AdapterBenchmarkConfig", "TrainConfig", "get_memory", "save_memories", "load_memories",
 }
 
 

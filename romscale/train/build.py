@@ -70,6 +70,20 @@ def attach_memory(model: nn.Module, m: ModelConfig) -> nn.Module:
     return model
 
 
+def pretrained(name_or_path: str, vocab_size: int) -> nn.Module:
+    """The float32 weights of a pretrained causal LM (romscale.models: packaged name, HF folder or
+    GGUF), checked against the corpus's vocabulary."""
+    from romscale.models import load_base_model
+    from romscale.utils.config import ConfigError
+
+    model, _ = load_base_model(name_or_path, dtype="float32", option="model.init_from")
+    n = model.get_input_embeddings().weight.shape[0]
+    if vocab_size != n:
+        raise ConfigError(f"model.init_from {name_or_path}: its vocabulary has {n:,} tokens but the corpus uses {vocab_size:,}; "
+                          "tokenise the corpus with this model's tokenizer (romscale data corpus --tokenizer smollm2)")
+    return model
+
+
 def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int | None = None, *, device: str | torch.device = "cpu") -> nn.Module:
     """A freshly initialised model for `cfg` (seeded by cfg.seed), with its memory attached.
 
@@ -77,8 +91,11 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int | None = None, *,
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(cfg.seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(llama_config(cfg.model, vocab_size, cfg.data.seq_len, eos_id), dtype=torch.float32)
+    if cfg.model.init_from:
+        model = pretrained(cfg.model.init_from, vocab_size).to(device)
+    else:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(llama_config(cfg.model, vocab_size, cfg.data.seq_len, eos_id), dtype=torch.float32)
     attach_memory(model, cfg.model)
     return model
 

@@ -61,6 +61,9 @@ class ModelConfig:
     tie_embeddings: bool = _f(True, "share the input embedding with the output projection")
     rope_theta: float = _f(10000.0, "RoPE base frequency", gt=0)
     init_std: float = _f(0.02, "standard deviation of the initial weights (transformers initializer_range)", gt=0)
+    init_from: str | None = _f(None, "continue training a pretrained causal LM instead of a fresh one (the retrofit): a packaged name "
+                               "(smollm2-135m-instruct), a local HF folder or a GGUF file; its shape replaces the fields above and the "
+                               "corpus must be tokenised with its tokenizer (romscale data corpus --tokenizer smollm2)")
     memory: MemoryKind = _f("none", "memory attached to the model: none (dense), meki, ple, engram, or fat (the fat-embedding control); docs/memories.md")
     meki: MekiOptions = _nested(MekiOptions, "MeKi options, used when memory is meki")
     memory_options: dict[str, Any] = field(default_factory=dict, metadata={

@@ -294,7 +294,7 @@ def test_every_memory_trains_at_a_matched_rom_budget(corpus, tmp_path, memory):
     """The same trainer for PLE / Engram / fat: sized by model.rom_params (the matched-arms knob),
     trained, exported as a memory checkpoint whose ROM is within a few % of the budget."""
     from romscale.meki.io import load_memories
-    from romscale.memories.base import attached_memories, get_memory
+    from romscale.memories.base import attached_memories
 
     budget = 2400  # below the fat embedding's ceiling |V| x d on this tiny model
     model_cfg = {"layers": 2, "hidden": 32, "ffn": 64, "heads": 4, "kv_heads": 2, "memory": memory, "rom_params": budget}
@@ -305,6 +305,33 @@ def test_every_memory_trains_at_a_matched_rom_budget(corpus, tmp_path, memory):
     assert mem.name == memory
     rom = mem.rom_params(mem.config_of(model), model.config)
     assert abs(rom - budget) / budget < 0.1, rom
+
+
+def test_retrofit_continues_a_pretrained_model_with_meki(corpus, tmp_path):
+    """model.init_from: the pretrained weights are the starting point (a MeKi branch with
+    zero-initialised output leaves its first loss equal to the pretrained model's), and a corpus in
+    another vocabulary is refused."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from romscale.utils.config import ConfigError
+
+    torch.manual_seed(5)
+    pre = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    pre.save_pretrained(tmp_path / "pre")
+    runs = {}
+    for memory in ("none", "meki"):
+        model = {"init_from": str(tmp_path / "pre"), "memory": memory, "meki": {"d_mem": 8, "zero_init_output": True}}
+        cfg = tiny_cfg(corpus, steps=2, log_every=1, eval_every=2, model=model)
+        runs[memory] = train(config_from_dict(cfg), tmp_path / f"run-{memory}", log=quiet)
+    first = [json.loads(line) for line in (tmp_path / "run-none" / "metrics.jsonl").read_text().splitlines()][0]
+    first_meki = [json.loads(line) for line in (tmp_path / "run-meki" / "metrics.jsonl").read_text().splitlines()][0]
+    assert first["loss"] == pytest.approx(first_meki["loss"], rel=1e-6)  # same start: the retrofit is exact at step 0
+    pre.resize_token_embeddings(VOCAB + 8)
+    pre.save_pretrained(tmp_path / "pre2")
+    cfg = tiny_cfg(corpus, steps=2, model={"init_from": str(tmp_path / "pre2")})
+    with pytest.raises(ConfigError, match="vocabulary"):
+        train(config_from_dict(cfg), tmp_path / "run-bad", log=quiet)
 
 
 def test_memory_options_are_checked(corpus, tmp_path):
