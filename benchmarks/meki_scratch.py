@@ -9,7 +9,8 @@ over seeds, its ROM / RAM parameters and the curves, and a PNG of the curves.
 
     romscale data corpus --out runs/corpus
     python benchmarks/meki_scratch.py --config configs/scratch-cpu.yaml --work runs/scratch \
-        --seeds dense=2,meki=2 --json results/meki_scratch_cpu.json --png results/meki_scratch_cpu.png
+        --seeds dense=2,meki=2 --json results/meki_scratch_cpu.json --png results/meki_scratch_cpu.png \
+        --sweep-d-mem 8,16,32,64 --sweep-png results/meki_dmem_sweep_cpu.png
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="dense=2,meki=2", help="seeds per arm (others: 1)")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--png", type=Path)
+    ap.add_argument("--sweep-d-mem", default="", help="also MeKi at these d_mem values (comma separated): validation loss "
+                    "against ROM parameters, log-x (the paper sees a log-linear trend)")
+    ap.add_argument("--sweep-png", type=Path)
     args = ap.parse_args()
     base = load_config(args.config).to_dict()
     seeds = {k: int(v) for k, v in (x.split("=") for x in args.seeds.split(",") if x)}
@@ -84,7 +88,15 @@ def main() -> None:
         results[arm] = {"seeds": len(runs), "val_loss_mean": statistics.fmean(finals),
                         "val_loss_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                         "val_loss": finals, "curves": [r["val_curve"] for r in runs], "tokens": runs[0]["tokens"]}
-    out = {"machine": machine_line(), "config": base, "meki_rom_params": rom, "arms": results,
+    sweep = []
+    for d in [int(x) for x in args.sweep_d_mem.split(",") if x]:
+        cfg_d = copy.deepcopy(base)
+        cfg_d["model"]["meki"]["d_mem"] = d
+        cfg = config_from_dict(arm_config(cfg_d, "meki", base["seed"], None), f"{args.config} [meki d_mem {d}]")
+        summary = train(cfg, args.work / f"sweep-d{d}", resume=True, log=print)
+        sweep.append({"d_mem": d, "rom_params": meki_rom_params(cfg_d), "val_loss": summary["final_val_loss"]})
+        print(f"sweep d_mem {d}: ROM {sweep[-1]['rom_params']:,} params, val loss {summary['final_val_loss']}", flush=True)
+    out = {"machine": machine_line(), "config": base, "meki_rom_params": rom, "arms": results, "d_mem_sweep": sweep,
            "command": "python benchmarks/meki_scratch.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None)}
     if "dense" in results and "meki" in results:
         gap = results["dense"]["val_loss_mean"] - results["meki"]["val_loss_mean"]
@@ -111,6 +123,23 @@ def main() -> None:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         write_png_output(args.png, fig, overwrite=True)
+    if args.sweep_png and sweep:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([p["rom_params"] for p in sweep], [p["val_loss"] for p in sweep], marker="o", label="MeKi")
+        if "dense" in results:
+            ax.axhline(results["dense"]["val_loss_mean"], color="grey", linestyle="--", label="dense")
+        ax.set_xscale("log")
+        ax.set_xlabel("ROM parameters (log scale)")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        write_png_output(args.sweep_png, fig, overwrite=True)
 
 
 if __name__ == "__main__":

@@ -272,7 +272,14 @@ _FREE_KEYS = ("progress", "out")  # may change between a run and its resume
 def _check_same_config(cfg: TrainConfig, saved: dict[str, Any], where: Path) -> None:
     from romscale.train.checkpoint import CheckpointError
 
+    from romscale.train.config import config_from_dict
+    from romscale.utils.config import ConfigError
+
     now = cfg.to_dict()
+    try:  # fields added since the checkpoint was written take their defaults
+        saved = config_from_dict(saved, str(where)).to_dict()
+    except ConfigError:
+        pass  # compared as it is: every differing key is named below
     diff = [k for k in sorted(set(now) | set(saved)) if k not in _FREE_KEYS and now.get(k) != saved.get(k)]
     if diff:
         detail = []
