@@ -87,7 +87,13 @@ def demo(
 
 
 def main() -> None:
-    """Console entry point (pyproject [project.scripts])."""
+    """Console entry point (pyproject [project.scripts]). romscale reads models and data from local
+    files only: the Hugging Face libraries are put in offline mode, so none of them looks anything
+    up on the Hub behind the user's back (a lookup would also stall on a machine without network)."""
+    import os
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
     run_main(app)
 
 

@@ -245,7 +245,9 @@ def train_task_adapters(bank: Any, base: str | Path, out: Path, cfg: LoraTrainCo
                 continue
             peft, run = train_one(model, tokenizer, bank.task(t), cfg, label, progress)
             with output_dir(out / t, kind=ADAPTER_KIND, inputs=inputs, what=f"--out {out}: task {t}") as o:
-                peft.save_pretrained(str(o.path))
+                # save_embedding_layers=False: no embedding is trained, and "auto" would look the base up on the
+                # Hugging Face Hub when base_model_name_or_path is a packaged name (no network at run time)
+                peft.save_pretrained(str(o.path), save_embedding_layers=False)
                 o.meta["run"] = {**dataclasses.asdict(run), "config": record, "seed": cfg.seed, "base": label}
             model = peft.unload()  # the plain base model again (LoRA layers removed, weights untouched)
             trained.append(t)
