@@ -294,6 +294,19 @@ class Memory(ABC):
     config_cls: ClassVar[type[MemoryConfig]]
     foldable: ClassVar[bool] = False
     address: ClassVar[str] = "token"
+    label: ClassVar[str] = ""  # how messages name it ("PLE", "the fat embedding")
+    state_attr: ClassVar[str] = ""  # the model attribute holding its attach state (hooks, tables)
+
+    def state(self, model: nn.Module) -> Any:
+        """The attach state this memory keeps on `model`, or None when it is not attached."""
+        return getattr(model, self.state_attr, None)
+
+    def check_attach(self, model: nn.Module, cfg: MemoryConfig) -> None:
+        """What every attach checks first: a config of this memory, not attached yet."""
+        if not isinstance(cfg, self.config_cls):
+            raise RomscaleError(f"{self.label} needs a {self.config_cls.__name__}, got {type(cfg).__name__}")
+        if self.state(model) is not None:
+            raise RomscaleError(f"this model already has {self.label} attached")
 
     # -- lifecycle
     @abstractmethod

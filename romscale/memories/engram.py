@@ -224,13 +224,11 @@ class EngramMemory(Memory):
     name = "engram"
     config_cls = EngramConfig
     foldable = False
+    label, state_attr = "Engram", STATE_ATTR
     address = "ngram-hash"
 
     def attach(self, model: nn.Module, cfg: EngramConfig, *, folded: bool = False, external: bool = False) -> nn.Module:
-        if not isinstance(cfg, EngramConfig):
-            raise RomscaleError(f"Engram needs an EngramConfig, got {type(cfg).__name__}")
-        if engram_state(model) is not None:
-            raise RomscaleError("this model already has Engram attached")
+        self.check_attach(model, cfg)
         fam = family_of(model, "Engram")
         layers = decoder_layers(model, fam)
         idx = cfg.layer_indices(len(layers))

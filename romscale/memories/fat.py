@@ -85,13 +85,11 @@ class FatMemory(Memory):
     name = "fat"
     config_cls = FatConfig
     foldable = False
+    label, state_attr = "the fat embedding", STATE_ATTR
     address = "token"
 
     def attach(self, model: nn.Module, cfg: FatConfig, *, folded: bool = False, external: bool = False) -> nn.Module:
-        if not isinstance(cfg, FatConfig):
-            raise RomscaleError(f"the fat embedding needs a FatConfig, got {type(cfg).__name__}")
-        if fat_state(model) is not None:
-            raise RomscaleError("this model already has a fat embedding attached")
+        self.check_attach(model, cfg)
         family_of(model, "the fat embedding")
         embedding = model.get_input_embeddings()
         vocab, d = embedding.weight.shape

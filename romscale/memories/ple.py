@@ -111,13 +111,11 @@ class PleMemory(Memory):
     name = "ple"
     config_cls = PleConfig
     foldable = False
+    label, state_attr = "PLE", STATE_ATTR
     address = "token"
 
     def attach(self, model: nn.Module, cfg: PleConfig, *, folded: bool = False, external: bool = False) -> nn.Module:
-        if not isinstance(cfg, PleConfig):
-            raise RomscaleError(f"PLE needs a PleConfig, got {type(cfg).__name__}")
-        if ple_state(model) is not None:
-            raise RomscaleError("this model already has PLE attached")
+        self.check_attach(model, cfg)
         fam = family_of(model, "PLE")
         layers = decoder_layers(model, fam)
         idx = cfg.layer_indices(len(layers))
