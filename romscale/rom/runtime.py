@@ -213,24 +213,28 @@ def _open_memory_tables(path: Path, model: nn.Module, verify_rows: bool) -> dict
     return tables
 
 
+def _checked_memory_bundle(path: Path, verify_rows: bool):
+    """(manifest, empty model, weights file, open ROM tables) of a memory bundle, everything checked
+    that can be before a weight is read (the tables' own files are hashed by `verify`, not here)."""
+    from romscale.meki.io import MEMORY_BUNDLE_KIND, build_empty_memories, read_memory_config
+    from romscale.memories.base import memory_names
+
+    tables_files = [f for n in memory_names() for f in memory_table_files(n)]
+    manifest, hf_cfg, sections = read_memory_config(path, kinds=(MEMORY_BUNDLE_KIND,), skip_hash=tables_files)
+    model = build_empty_memories(hf_cfg, sections)
+    file = member(path, WEIGHTS_FILE, CheckpointError, str(path / MANIFEST))
+    check_weights(file, model)
+    return manifest, model, file, _open_memory_tables(path, model, verify_rows)
+
+
 def load_memory_bundle(path: str | Path, prefetch: bool = False, dtype: torch.dtype = torch.float32, *, verify_rows: bool = True) -> MemoryBundle:
     """Load a memory bundle's RAM part and connect each memory's ROM table, which stays on storage.
     Checked like load_bundle; rows are read per forward call for exactly the ids of that call
     (token ids, or Engram's hashed n-gram ids once the previous tokens are known)."""
-    from romscale.meki.io import (
-        MEMORY_BUNDLE_KIND,
-        build_empty_memories,
-        read_memory_config,
-    )
     from romscale.memories.base import get_memory
 
     path = Path(path)
-    names = [f for n in ("meki", "ple", "engram", "fat") for f in memory_table_files(n)]
-    _, hf_cfg, sections = read_memory_config(path, kinds=(MEMORY_BUNDLE_KIND,), skip_hash=names)
-    model = build_empty_memories(hf_cfg, sections)
-    file = member(path, WEIGHTS_FILE, CheckpointError, str(path / MANIFEST))
-    check_weights(file, model)
-    tables = _open_memory_tables(path, model, verify_rows)
+    _, model, file, tables = _checked_memory_bundle(path, verify_rows)
     try:
         materialize(model, file, dtype, "cpu").eval()
     except BaseException:
@@ -251,18 +255,8 @@ def load_memory_bundle(path: str | Path, prefetch: bool = False, dtype: torch.dt
 def verify_memory_bundle(path: str | Path) -> dict[str, Any]:
     """Check a memory bundle completely: every file's sha256, the config against the weights and
     each ROM table, every block and row checksum of every table. Returns a summary per memory."""
-    from romscale.meki.io import (
-        MEMORY_BUNDLE_KIND,
-        build_empty_memories,
-        read_memory_config,
-    )
-
     path = Path(path)
-    names = [f for n in ("meki", "ple", "engram", "fat") for f in memory_table_files(n)]
-    manifest, hf_cfg, sections = read_memory_config(path, kinds=(MEMORY_BUNDLE_KIND,), skip_hash=names)
-    model = build_empty_memories(hf_cfg, sections)
-    check_weights(member(path, WEIGHTS_FILE, CheckpointError, str(path / MANIFEST)), model)
-    tables = _open_memory_tables(path, model, verify_rows=True)
+    manifest, _, _, tables = _checked_memory_bundle(path, verify_rows=True)
     try:
         out = {}
         for name, table in tables.items():
