@@ -351,16 +351,22 @@ def _folder_tokenizer(folder: Path, option: str) -> PreTrainedTokenizerBase | No
         raise ModelInputError(f"{option} {folder}: its tokenizer files could not be loaded: {exc}") from exc
 
 
-def load_scoring_model(path: str | Path, *, dtype: torch.dtype | None = None, option: str = "--model") -> ScoringModel:
-    """Load what resolve_scoring_model accepts, in eval mode (float32 unless `dtype`).
-    transformers' loading bars show only when stderr is a terminal."""
+def load_scoring_model(path: str | Path, *, dtype: torch.dtype | None = None, option: str = "--model",
+                       device: str | None = None) -> ScoringModel:
+    """Load what resolve_scoring_model accepts, in eval mode (float32 unless `dtype`), on `device`
+    (default: the GPU when there is one, else the CPU; a bundle stays on the CPU, where its runtime
+    reads the ROM table). transformers' loading bars show only when stderr is a terminal."""
+    import torch
     from transformers.utils import logging as hf_logging
 
     shown = hf_logging.is_progress_bar_enabled()
     if not sys.stderr.isatty():
         hf_logging.disable_progress_bar()
     try:
-        return _load(path, dtype, option)
+        sm = _load(path, dtype, option)
+        if sm.kind not in ("meki-bundle", "memory-bundle"):
+            sm.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return sm
     finally:
         if shown:
             hf_logging.enable_progress_bar()
