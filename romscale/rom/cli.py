@@ -19,6 +19,8 @@ bench_app = typer.Typer(help="Benchmarks of bundles that print figures and write
 app.add_typer(bench_app, name="bench")
 
 TABLE_DTYPES = ("fp16", "bf16", "int8")  # romscale.rom.table.DTYPES, without importing torch
+RUNTIMES = ("torch", "onnxruntime")
+NATIVE_WEIGHTS = ("fp32", "fp16", "int8")  # romscale.rom.onnx_export.WEIGHTS
 BUNDLE_HELP = "a deploy bundle folder (romscale bundle export)"
 
 
@@ -110,6 +112,9 @@ def generate(
     seed: int = seed_option(),
     prefetch: bool = typer.Option(True, help="fetch each token's rows on a background thread"),
     chat: bool = typer.Option(False, help="wrap the prompt in the tokenizer's chat template"),
+    runtime: str = typer.Option("torch", help="torch (the PyTorch bundle runtime) | onnxruntime (the native export, "
+                                "made once into the cache; BUNDLE may also be a `romscale bundle native` folder)"),
+    weights: str = typer.Option("fp32", help="with --runtime onnxruntime: fp32 | fp16 | int8 weights of the export"),
 ) -> None:
     """Stream a continuation from a deploy bundle, reading (and checking) the table rows from storage."""
     if not prompt.strip():
@@ -118,9 +123,14 @@ def generate(
     if sample:
         at_least("--temperature", temperature, 0, strict=True)
         in_range("--top-p", top_p, 0, 1, low_open=True)
+    choice("--runtime", runtime, RUNTIMES)
+    choice("--weights", weights, NATIVE_WEIGHTS)
     existing_dir("BUNDLE", bundle, "a deploy bundle folder")
     from romscale.meki.cli import maybe_tokenizer
 
+    if runtime == "onnxruntime":
+        _generate_native(bundle, weights, prompt, max_new_tokens, sample, temperature, top_p, seed, chat)
+        return
     tok = maybe_tokenizer(bundle)
     if tok is None:
         raise RomscaleError(f"BUNDLE {bundle}: holds no tokenizer files (export from a checkpoint folder that has them)")
@@ -135,15 +145,7 @@ def generate(
     b = load(bundle, prefetch=prefetch)
     try:
         vocab = b.model.get_input_embeddings().num_embeddings
-        if chat:
-            if not getattr(tok, "chat_template", None):
-                raise UsageError(f"--chat: the tokenizer in {bundle} has no chat template")
-            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt")
-            ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
-        else:
-            ids = tok(prompt, return_tensors="pt")["input_ids"]
-        if ids.numel() == 0:
-            raise UsageError("--prompt encodes to no tokens")
+        ids = _prompt_ids(tok, prompt, chat, bundle)
         if int(ids.max()) >= vocab:
             raise RomscaleError(f"BUNDLE {bundle}: the tokenizer produced id {int(ids.max())} but the model has {vocab} rows")
         fuse_meki_ffn(b.model)
@@ -164,6 +166,81 @@ def generate(
         )
     finally:
         b.close()
+
+
+def _prompt_ids(tok, prompt: str, chat: bool, where: Path):
+    import torch
+
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise UsageError(f"--chat: the tokenizer in {where} has no chat template")
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt")
+        ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    else:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+    if ids.numel() == 0:
+        raise UsageError("--prompt encodes to no tokens")
+    return ids
+
+
+def _generate_native(bundle: Path, weights: str, prompt: str, max_new_tokens: int, sample: bool, temperature: float,
+                     top_p: float, seed: int, chat: bool) -> None:
+    import os
+
+    import torch
+    from transformers import TextStreamer
+
+    from romscale.meki.cli import maybe_tokenizer
+    from romscale.rom.onnx_export import NATIVE_KIND, export_native_from, native_cache_for
+    from romscale.rom.ort_runtime import OrtDecoder
+    from romscale.utils.outputs import output_kind
+
+    if output_kind(bundle) == NATIVE_KIND:
+        folder, rows_from = bundle, None
+    else:
+        folder, rows_from = native_cache_for(bundle, weights), bundle
+        if output_kind(folder) != NATIVE_KIND:
+            _console().print(f"exporting {bundle} to ONNX ({weights}) once, into {folder}")
+            export_native_from(bundle, folder, weights=weights, option="BUNDLE", overwrite=folder.exists())
+    tok = maybe_tokenizer(folder)
+    if tok is None:
+        raise RomscaleError(f"BUNDLE {bundle}: holds no tokenizer files (export from a checkpoint folder that has them)")
+    dec = OrtDecoder(folder, threads=os.cpu_count() or 1, bundle=rows_from)
+    try:
+        ids = _prompt_ids(tok, prompt, chat, bundle)
+        if int(ids.max()) >= dec.vocab:
+            raise RomscaleError(f"BUNDLE {bundle}: the tokenizer produced id {int(ids.max())} but the model has {dec.vocab} rows")
+        eos = [t for t in (tok.eos_token_id, tok.get_vocab().get("<|im_end|>")) if isinstance(t, int) and 0 <= t < dec.vocab]
+        streamer = TextStreamer(tok, skip_prompt=False)
+        streamer.put(ids)
+        dec.generate(ids.numpy(), max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
+                     seed=seed, eos=eos, on_token=lambda t: streamer.put(torch.from_numpy(t)))
+        streamer.end()
+    finally:
+        dec.close()
+
+
+@app.command("native")
+def native(
+    source: str = typer.Argument(..., help="a MeKi deploy bundle folder (romscale bundle export), or a dense model: "
+                                 "an HF folder, a .gguf file or a packaged model name (the control)"),
+    out: Path = out_option(help="output folder of the native export (ONNX program + tokenizer)"),
+    weights: str = typer.Option("fp32", help="fp32 | fp16 | int8 (weight-only, 8-bit, blocks of 32 along the input)"),
+    overwrite: bool = overwrite_option(),
+) -> None:
+    """Export the RAM part to an ONNX program for ONNX Runtime; a MeKi table stays in the bundle."""
+    choice("--weights", weights, NATIVE_WEIGHTS)
+    from romscale.models import PACKAGED_MODELS
+
+    src = Path(source)
+    if source not in PACKAGED_MODELS and not src.exists():
+        raise UsageError(f"SOURCE {source}: no such file or folder; expected a deploy bundle, a model folder, a .gguf "
+                         f"file or one of {', '.join(PACKAGED_MODELS)}")
+    check_output("--out", out, kind="onnx-program", inputs=[src] if src.exists() else [], overwrite=overwrite)
+    from romscale.rom.onnx_export import export_native_from
+
+    export_native_from(source, out, weights=weights, overwrite=overwrite)
+    _console().print(f"native export written to {out}")
 
 
 @bench_app.command("decode")

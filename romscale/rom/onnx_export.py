@@ -1,0 +1,231 @@
+"""Export a deploy bundle's RAM part to an ONNX program for ONNX Runtime (the native runtime).
+
+The program is one step of a KV-cached decoder, used for prefill (T prompt tokens) and for decode
+(T = 1):
+
+    inputs   input_ids [B, T] int64, attention_mask [B, P + T] int64, position_ids [B, T] int64,
+             past_k / past_v [layers, B, kv_heads, P, head_dim] float32,
+             rows [B, T, memory layers x d_mem] float32 (MeKi bundles only: the current tokens' ROM rows)
+    outputs  logits [B, vocab] (last position), present_k / present_v [layers, B, kv_heads, P + T, head_dim]
+
+The MeKi table is never inside the program: the host reads the rows of each token from the
+bundle's table on storage (romscale.rom.ort_runtime) and passes them in. The model's own forward
+runs under the trace, with the rows handed to the MeKi hooks as an input, so every family, position
+and fusion the PyTorch bundle supports exports the same way.
+
+Why the TorchScript exporter (`dynamo=False`): it traces the HF model with its Python cache
+objects in seconds; the dynamo exporter gave the same program (checked on a tiny Llama) but spent
+~20 CPU-seconds on a 2-layer model in decompositions, which the tests and the main job cannot
+afford. Weights: fp32; int8 weight-only through ONNX Runtime's own MatMulNBits quantiser (8 bits,
+symmetric, blocks of 32 along the input dimension; per-channel scales are the block-size = K
+case, which MatMulNBits does not offer for K = 576); fp16 through ONNX Runtime's float16 converter
+(inputs and outputs stay float32).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from romscale.errors import RomscaleError
+from romscale.meki.attach import meki_branches, meki_state
+
+__all__ = ["NATIVE_KIND", "NATIVE_FILE", "PROGRAM_FILE", "WEIGHTS", "export_native", "export_native_from", "native_cache_for", "read_native"]
+
+NATIVE_KIND = "onnx-program"
+NATIVE_FILE = "native.json"
+PROGRAM_FILE = "model.onnx"
+WEIGHTS = ("fp32", "fp16", "int8")
+OPSET = 18
+
+
+class _Step(nn.Module):
+    """The traced step: the HF model with a cache rebuilt from tensors and the ROM rows as an input."""
+
+    def __init__(self, model: nn.Module, layers: int, rows_shape: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.model, self.layers, self.rows_shape = model, layers, rows_shape
+        self.state = meki_state(model)
+
+    def forward(self, input_ids, attention_mask, position_ids, past_k, past_v, rows=None):
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.layers):
+            cache.update(past_k[i], past_v[i], i)
+        if self.state is not None:
+            b, t = input_ids.shape
+            r = rows.view(b, t, *self.rows_shape)
+            self.state.row_source = lambda _ids: r
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        kv = out.past_key_values
+        ks = torch.stack([kv.layers[i].keys for i in range(self.layers)])
+        vs = torch.stack([kv.layers[i].values for i in range(self.layers)])
+        return out.logits[:, -1], ks, vs
+
+
+def _shape(model: nn.Module) -> dict[str, int]:
+    c = model.config
+    heads = c.num_attention_heads
+    return {"layers": c.num_hidden_layers, "kv_heads": getattr(c, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // heads, "vocab": c.vocab_size}
+
+
+def export_native(model: nn.Module, out: str | Path, *, weights: str = "fp32", bundle: str | Path | None = None,
+                  tokenizer: Any = None, overwrite: bool = False,
+                  inputs: Iterable[str | Path] = ()) -> Path:
+    """Write the ONNX program of `model` (a dense HF model, or a MeKi bundle's model with external
+    tables) to the new romscale folder `out`. `bundle`: the bundle whose table feeds the rows
+    (recorded, with its table's hash, so the runtime opens the same table)."""
+    from romscale.utils.outputs import output_dir
+
+    if weights not in WEIGHTS:
+        raise RomscaleError(f"--weights must be one of {', '.join(WEIGHTS)}; got {weights!r}")
+    state = meki_state(model)
+    if state is not None and not state.external:
+        raise RomscaleError("the native export takes a deploy bundle's model (its MeKi table on storage): export a bundle first")
+    if state is not None and bundle is None:
+        raise RomscaleError("a MeKi model's native export needs the bundle its rows come from")
+    shape = _shape(model)
+    rows_shape = (len(meki_branches(model)), state.cfg.d_mem) if state is not None else None
+    meta: dict[str, Any] = {"format": NATIVE_KIND, "version": 1, "opset": OPSET, "weights": weights, **shape,
+                            "rows": None if rows_shape is None else {"layers": rows_shape[0], "d_mem": rows_shape[1],
+                                                                    "width": rows_shape[0] * rows_shape[1]}}
+    if bundle is not None:
+        from romscale.meki.io import BUNDLE_KIND
+        from romscale.rom.table import TABLE_FILE
+        from romscale.utils.outputs import read_manifest
+
+        files = read_manifest(bundle, BUNDLE_KIND, RomscaleError, hash_files=False)["files"]
+        meta["bundle"] = {"path": str(Path(bundle).absolute()), "table": TABLE_FILE, "table_sha256": files[TABLE_FILE]["sha256"]}
+    with output_dir(out, kind=NATIVE_KIND, inputs=[*inputs, *([bundle] if bundle else [])], overwrite=overwrite,
+                    meta={"weights": weights}) as o:
+        t0 = time.perf_counter()
+        _trace(model, o.path / PROGRAM_FILE, shape, rows_shape)
+        if weights != "fp32":
+            _convert(o.path / PROGRAM_FILE, weights)
+        meta["export_seconds"] = round(time.perf_counter() - t0, 2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(o.path))
+        (o.path / NATIVE_FILE).write_text(json.dumps(meta, indent=1))
+    return Path(out)
+
+
+def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
+    """aten::rms_norm (nn.RMSNorm, in MeKi's branch) in ONNX ops: the TorchScript exporter has no
+    symbolic for it below opset 23, and ONNX Runtime fuses this pattern (SimplifiedLayerNormalization)."""
+    from torch.onnx import symbolic_helper as sh
+
+    dims = sh._get_const(normalized_shape, "is", "normalized_shape")
+    e = sh._maybe_get_const(eps, "f")
+    e = float(e) if isinstance(e, float) else 1.1920928955078125e-07  # eps=None: torch uses finfo(float32).eps
+    axes = g.op("Constant", value_t=torch.tensor(list(range(-len(dims), 0)), dtype=torch.long))
+    ms = g.op("ReduceMean", g.op("Mul", x, x), axes, keepdims_i=1)
+    y = g.op("Div", x, g.op("Sqrt", g.op("Add", ms, g.op("Constant", value_t=torch.tensor(e)))))
+    return y if sh._is_none(weight) else g.op("Mul", y, weight)
+
+
+def _trace(model: nn.Module, path: Path, shape: dict[str, int], rows_shape: tuple[int, int] | None) -> None:
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, OPSET)
+    model = model.eval().float()
+    step = _Step(model, shape["layers"], rows_shape)
+    b, t, p = 1, 3, 2  # example sizes; every axis is declared dynamic below
+    kv = torch.zeros(shape["layers"], b, shape["kv_heads"], p, shape["head_dim"])
+    args = [torch.ones(b, t, dtype=torch.long), torch.ones(b, p + t, dtype=torch.long),
+            torch.arange(p, p + t).unsqueeze(0), kv, kv.clone()]
+    names = ["input_ids", "attention_mask", "position_ids", "past_k", "past_v"]
+    axes = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "total"},
+            "position_ids": {0: "batch", 1: "tokens"}, "past_k": {1: "batch", 3: "past"}, "past_v": {1: "batch", 3: "past"},
+            "logits": {0: "batch"}, "present_k": {1: "batch", 3: "total"}, "present_v": {1: "batch", 3: "total"}}
+    if rows_shape is not None:
+        args.append(torch.zeros(b, t, rows_shape[0] * rows_shape[1]))
+        names.append("rows")
+        axes["rows"] = {0: "batch", 1: "tokens"}
+    state = meki_state(model)
+    saved = state.row_source if state is not None else None
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's warnings about Python values it bakes in
+            torch.onnx.export(step, tuple(args), str(path), dynamo=False, input_names=names,
+                              output_names=["logits", "present_k", "present_v"], dynamic_axes=axes, opset_version=OPSET)
+    finally:
+        if state is not None:
+            state.row_source = saved
+
+
+def _convert(path: Path, weights: str) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    if weights == "int8":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        q = MatMulNBitsQuantizer(proto, bits=8, block_size=32, is_symmetric=True)
+        q.process()
+        proto = q.model.model
+    else:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        proto = convert_float_to_float16(proto, keep_io_types=True)
+    onnx.save(proto, str(path))
+
+
+def read_native(folder: str | Path) -> dict[str, Any]:
+    """The export's native.json, checked (romscale.utils.outputs checks the folder's files)."""
+    from romscale.utils.outputs import read_json, read_manifest
+
+    folder = Path(folder)
+    read_manifest(folder, NATIVE_KIND, RomscaleError)  # every file listed, sized and hashed
+    meta = read_json(folder / NATIVE_FILE, RomscaleError)
+    if not isinstance(meta, dict) or meta.get("format") != NATIVE_KIND or meta.get("weights") not in WEIGHTS:
+        raise RomscaleError(f"{folder / NATIVE_FILE}: not a native export description of a known version")
+    return meta
+
+
+def export_native_from(source: str | Path, out: str | Path, *, weights: str = "fp32", overwrite: bool = False,
+                       option: str = "SOURCE") -> Path:
+    """Export a MeKi deploy bundle (rows from its table) or a dense model (an HF folder, a .gguf
+    file, a packaged model name: the control) to the native export folder `out`."""
+    from romscale.meki.io import BUNDLE_KIND, MEMORY_BUNDLE_KIND
+    from romscale.utils.outputs import output_kind
+
+    src = Path(source)
+    kind = output_kind(src) if src.is_dir() else None
+    if kind == MEMORY_BUNDLE_KIND:
+        raise RomscaleError(f"{option} {src}: a memory bundle (PLE / Engram / fat embedding); the native export takes MeKi "
+                            "bundles and dense models so far")
+    if kind == BUNDLE_KIND:
+        from romscale.meki.cli import maybe_tokenizer
+        from romscale.rom.runtime import load_bundle
+
+        b = load_bundle(src)
+        try:
+            return export_native(b.model, out, weights=weights, bundle=src, tokenizer=maybe_tokenizer(src),
+                                 overwrite=overwrite, inputs=[src])
+        finally:
+            b.close()
+    from romscale.models import PACKAGED_MODELS, load_causal_lm, packaged_model
+
+    path = packaged_model(str(source), option=option) if str(source) in PACKAGED_MODELS else src
+    model, tok = load_causal_lm(path, dtype=torch.float32, option=option)
+    return export_native(model, out, weights=weights, tokenizer=tok, overwrite=overwrite, inputs=[path])
+
+
+def native_cache_for(bundle: str | Path, weights: str) -> Path:
+    """Where `romscale bundle generate --runtime onnxruntime` keeps the export of `bundle`: in the
+    cache, keyed by the bundle's manifest (so a changed bundle gets a new export)."""
+    import hashlib
+
+    from romscale.utils.cache import cache_dir
+    from romscale.utils.outputs import MANIFEST
+
+    digest = hashlib.sha256((Path(bundle) / MANIFEST).read_bytes()).hexdigest()[:20]
+    return cache_dir() / "native" / f"{digest}-{weights}"

@@ -1,0 +1,168 @@
+"""The host side of the native runtime: an ONNX Runtime session of a native export
+(romscale.rom.onnx_export) plus, for MeKi, the bundle's ROM table read from storage.
+
+Per step the host knows the new token ids first (the prompt, or the token just sampled), reads
+exactly their rows from the mmap'd table (each row checked against its CRC as it is read,
+romscale.rom.table), and runs the program once. There is nothing to overlap the read with: the
+program's first layer needs the rows, and the id is known only when the previous step ended; a
+row is one contiguous read of layers x d_mem values (8.6 KB at SmolLM2 d_mem 72, fp16), served by
+the page cache after its first touch. The KV cache stays in ONNX Runtime's own buffers between
+steps (I/O binding), never copied through numpy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from romscale.errors import RomscaleError
+from romscale.rom.onnx_export import PROGRAM_FILE, read_native
+
+__all__ = ["GenerationResult", "OrtDecoder"]
+
+
+@dataclass
+class GenerationResult:
+    tokens: np.ndarray  # [B, new] generated ids (after the prompt)
+    ttft_s: float  # prefill + the first token
+    decode_s: float  # the remaining new tokens
+    steps: int
+    row_bytes_read: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class OrtDecoder:
+    """Prefill + KV-cached decode of a native export on ONNX Runtime's CPU provider."""
+
+    def __init__(self, folder: str | Path, *, threads: int = 2, verify_rows: bool = True,
+                 bundle: str | Path | None = None) -> None:
+        """`bundle`: where the MeKi table is now (default: where it was at export); its table must be
+        the one exported against (the sha256 in its manifest is compared)."""
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        self.meta = read_native(self.folder)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(self.folder / PROGRAM_FILE), opts, providers=["CPUExecutionProvider"])
+        self.table = None
+        if self.meta["rows"] is not None:
+            self.table = self._open_table(verify_rows, bundle)
+        self.row_bytes_read = 0
+
+    def _open_table(self, verify_rows: bool, bundle: str | Path | None):
+        from romscale.meki.io import BUNDLE_KIND
+        from romscale.rom.table import RomTable
+        from romscale.utils.outputs import read_manifest
+
+        b = self.meta.get("bundle") or {}
+        path = Path(bundle) if bundle is not None else Path(b.get("path", ""))
+        files = read_manifest(path, BUNDLE_KIND, RomscaleError, hash_files=False)["files"]
+        if files.get(b.get("table"), {}).get("sha256") != b.get("table_sha256"):
+            raise RomscaleError(f"{self.folder}: was exported for another ROM table than the one now in {path} (sha256 differs)")
+        table = RomTable(path, verify_rows=verify_rows)
+        m, r = table.manifest, self.meta["rows"]
+        if (m["d_mem"], m["num_layers"]) != (r["d_mem"], r["layers"]):
+            table.close()
+            raise RomscaleError(f"{path}: table of d_mem {m['d_mem']} does not match the export's rows {r}")
+        return table
+
+    @property
+    def vocab(self) -> int:
+        return int(self.meta["vocab"])
+
+    def close(self) -> None:
+        if self.table is not None:
+            self.table.close()
+            self.table = None
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        import torch
+
+        rows = self.table.rows(torch.from_numpy(ids), torch.float32)  # [B, T, layers, d_mem], CRC-checked
+        self.row_bytes_read += ids.size * self.table.row_bytes
+        return rows.numpy().reshape(ids.shape[0], ids.shape[1], -1)
+
+    def _empty_cache(self, batch: int):
+        import onnxruntime as ort
+
+        m = self.meta
+        z = np.zeros((m["layers"], batch, m["kv_heads"], 0, m["head_dim"]), np.float32)
+        return ort.OrtValue.ortvalue_from_numpy(z), ort.OrtValue.ortvalue_from_numpy(z.copy())
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, past) -> tuple[np.ndarray, Any]:
+        t = ids.shape[1]
+        pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -t:]
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, np.int64))
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, np.int64))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(pos, np.int64))
+        io.bind_ortvalue_input("past_k", past[0])
+        io.bind_ortvalue_input("past_v", past[1])
+        if self.table is not None:
+            io.bind_cpu_input("rows", self._rows(ids))
+        for name in ("logits", "present_k", "present_v"):
+            io.bind_output(name, "cpu")
+        self.session.run_with_iobinding(io)
+        logits, k, v = io.get_outputs()
+        return logits.numpy(), (k, v)
+
+    def generate(self, ids: np.ndarray, attention_mask: np.ndarray | None = None, *, max_new_tokens: int = 32,
+                 sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                 eos: Sequence[int] = (), on_token: Callable[[np.ndarray], None] | None = None) -> GenerationResult:
+        """Greedy (or sampled) continuation of left-padded `ids` [B, T]. Stops after max_new_tokens,
+        or when every row has produced one of `eos` (rows that finished keep emitting eos[0])."""
+        ids = np.asarray(ids, np.int64)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise RomscaleError(f"prompt ids must have shape (batch, tokens >= 1); got {ids.shape}")
+        if ids.min() < 0 or ids.max() >= self.vocab:
+            raise RomscaleError(f"token id {int(ids.max())} is out of range for this model's vocabulary of {self.vocab}")
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        rng = np.random.default_rng(seed)
+        eos_set = set(int(e) for e in eos)
+        done = np.zeros(ids.shape[0], bool)
+        out: list[np.ndarray] = []
+        self.row_bytes_read = 0
+        t0 = time.perf_counter()
+        logits, past = self._run(ids, mask, self._empty_cache(ids.shape[0]))
+        ttft = decode_start = 0.0
+        for i in range(max_new_tokens):
+            nxt = _pick(logits, sample, temperature, top_p, rng)
+            if eos_set:
+                nxt = np.where(done, next(iter(eos)), nxt)
+                done |= np.isin(nxt, list(eos_set))
+            out.append(nxt)
+            if on_token is not None:
+                on_token(nxt)
+            if i == 0:
+                ttft = time.perf_counter() - t0
+                decode_start = time.perf_counter()
+            if i == max_new_tokens - 1 or (eos_set and done.all()):
+                break
+            mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], 1)
+            logits, past = self._run(nxt[:, None], mask, past)
+        return GenerationResult(np.stack(out, 1), ttft, time.perf_counter() - decode_start, len(out), self.row_bytes_read)
+
+
+def _pick(logits: np.ndarray, sample: bool, temperature: float, top_p: float, rng: np.random.Generator) -> np.ndarray:
+    if not sample:
+        return logits.argmax(-1).astype(np.int64)
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(-1, keepdims=True)
+    picks = []
+    for row in p:  # nucleus: the smallest set of most likely tokens holding top_p of the mass
+        order = np.argsort(-row)
+        keep = order[: int(np.searchsorted(np.cumsum(row[order]), top_p) + 1)]
+        q = row[keep] / row[keep].sum()
+        picks.append(keep[rng.choice(len(keep), p=q)])
+    return np.asarray(picks, np.int64)

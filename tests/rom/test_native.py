@@ -1,0 +1,191 @@
+"""The native runtime: ONNX exports of dense models and MeKi bundles (every fusion, the other
+positions), run by ONNX Runtime with the rows read from the bundle's table; prefill, decode, batch 2
+with left padding; int8 / fp16 weights; bad exports and bad inputs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_usage_error, randomize_meki, tiny_base
+from romscale.errors import RomscaleError
+from romscale.meki.attach import attach_meki
+from romscale.meki.config import MekiConfig
+from romscale.meki.fold import fold
+from romscale.meki.io import save_meki
+from romscale.meki.presets import build_model
+from romscale.rom.onnx_export import NATIVE_FILE, PROGRAM_FILE, export_native, export_native_from
+from romscale.rom.ort_runtime import OrtDecoder
+from romscale.rom.runtime import export_bundle, load_bundle
+
+pytest.importorskip("onnxruntime")
+
+
+def _prompt():
+    ids = torch.randint(3, 90, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # row 1 is left-padded
+    return ids, mask
+
+
+def _reference(model, ids, mask, n):
+    """Greedy tokens of the PyTorch model, never stopping early (EOS off)."""
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+        logits = model(ids, attention_mask=mask).logits[:, -1]
+    return out[:, ids.shape[1]:].numpy(), logits.numpy()
+
+
+def _check_same(dec: OrtDecoder, model, n=8):
+    ids, mask = _prompt()
+    ref_tokens, ref_logits = _reference(model, ids, mask, n)
+    logits, _ = dec._run(ids.numpy(), mask.numpy(), dec._empty_cache(2))
+    assert np.abs(logits - ref_logits).max() < 1e-4
+    got = dec.generate(ids.numpy(), mask.numpy(), max_new_tokens=n)
+    np.testing.assert_array_equal(got.tokens, ref_tokens)
+    assert got.steps == n and got.ttft_s > 0 and got.decode_s > 0
+    # Batch 1 without padding equals row 0 of the batch.
+    one = dec.generate(ids[:1].numpy(), max_new_tokens=n)
+    np.testing.assert_array_equal(one.tokens[0], ref_tokens[0])
+    return got
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_dense_export_matches_pytorch(tmp_path, family):
+    model = tiny_base(family).eval()
+    dec = OrtDecoder(export_native(model, tmp_path / "n"))
+    got = _check_same(dec, model)
+    assert got.row_bytes_read == 0 and dec.table is None
+    dec.close()
+
+
+def _bundle(tmp_path, name="b", **kw):
+    model = tiny_base("llama")
+    attach_meki(model, MekiConfig(d_mem=8, **kw))
+    randomize_meki(model)
+    return export_bundle(fold(model), tmp_path / name, dtype="fp16")
+
+
+@pytest.mark.parametrize("kw", [{"fusion": f} for f in ("add_sigmoid", "mul_sigmoid", "add_silu", "mul_silu")]
+                         + [{"position": p} for p in ("parallel_attn", "after_attn", "after_ffn")])
+def test_meki_export_reads_rows_and_matches_the_bundle(tmp_path, kw):
+    path = _bundle(tmp_path, **kw)
+    b = load_bundle(path)
+    dec = OrtDecoder(export_native(b.model, tmp_path / "n", bundle=path))
+    meta = json.loads((tmp_path / "n" / NATIVE_FILE).read_text())
+    assert meta["rows"] == {"layers": 2, "d_mem": 8, "width": 16}
+    got = _check_same(dec, b.model)
+    # The rows came from the table on storage: one row per token of each call (prefill + decode steps).
+    assert got.row_bytes_read == (2 * 6 + 2 * 7) * dec.table.row_bytes
+    dec.close()
+    b.close()
+
+
+def test_the_table_is_an_input_not_part_of_the_program(tmp_path):
+    path = _bundle(tmp_path)
+    b = load_bundle(path)
+    n = export_native(b.model, tmp_path / "n", bundle=path)
+    table_bytes = b.table.table_bytes
+    import onnx
+
+    proto = onnx.load(str(n / PROGRAM_FILE))
+    names = [i.name for i in proto.graph.input]
+    assert names == ["input_ids", "attention_mask", "position_ids", "past_k", "past_v", "rows"]
+    # No initialiser has the table's shape (vocab x d_mem per layer).
+    assert not any(tuple(t.dims)[-2:] == (96, 8) or tuple(t.dims) == (96, 16) for t in proto.graph.initializer)
+    assert table_bytes > 0
+    b.close()
+
+
+@pytest.mark.parametrize("weights", ["int8", "fp16"])
+def test_reduced_precision_weights_stay_close(tmp_path, weights):
+    model = tiny_base("llama").eval()
+    ref = OrtDecoder(export_native(model, tmp_path / "f32"))
+    low = OrtDecoder(export_native(model, tmp_path / weights, weights=weights))
+    ids, mask = _prompt()
+    a, _ = ref._run(ids.numpy(), mask.numpy(), ref._empty_cache(2))
+    c, _ = low._run(ids.numpy(), mask.numpy(), low._empty_cache(2))
+    rel = np.linalg.norm(a - c) / np.linalg.norm(a)
+    assert 0 < rel < 0.05
+    assert (tmp_path / weights / PROGRAM_FILE).stat().st_size < (tmp_path / "f32" / PROGRAM_FILE).stat().st_size
+
+
+def test_a_changed_table_or_export_is_refused(tmp_path):
+    path = _bundle(tmp_path)
+    b = load_bundle(path)
+    n = export_native(b.model, tmp_path / "n", bundle=path)
+    b.close()
+    other = _bundle(tmp_path, name="other", fusion="mul_silu")
+    with pytest.raises(RomscaleError, match="another ROM table"):
+        OrtDecoder(n, bundle=other)
+    with open(n / PROGRAM_FILE, "r+b") as f:  # flip one byte of the program
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(RomscaleError, match="sha256"):
+        OrtDecoder(n)
+
+
+def test_bad_prompts_are_refused(tmp_path):
+    dec = OrtDecoder(export_native(tiny_base("llama").eval(), tmp_path / "n"))
+    with pytest.raises(RomscaleError, match="out of range"):
+        dec.generate(np.array([[5, 999]]))
+    with pytest.raises(RomscaleError, match="shape"):
+        dec.generate(np.zeros((1, 0), np.int64))
+
+
+def test_export_refuses_a_model_with_tables_in_memory(tmp_path):
+    model = tiny_base("llama")
+    attach_meki(model, MekiConfig(d_mem=8))
+    with pytest.raises(RomscaleError, match="bundle"):
+        export_native(fold(model), tmp_path / "n")
+    with pytest.raises(RomscaleError, match="--weights"):
+        export_native(tiny_base("llama"), tmp_path / "n", weights="fp8")
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tok():
+    from romscale.train.data import train_tokenizer
+
+    return train_tokenizer(["the quick brown fox jumps over the lazy dog " * 30], vocab_size=300)
+
+
+@pytest.fixture
+def cli_bundle(cli, tmp_path, tok):
+    model = build_model("tiny", MekiConfig(d_mem=8, zero_init_output=False), vocab_size=len(tok), seed=0)
+    ckpt = save_meki(model, tmp_path / "ckpt", tokenizer=tok)
+    assert cli("bundle", "export", ckpt, "--out", tmp_path / "b").exit_code == 0
+    return tmp_path / "b"
+
+
+def test_cli_generate_with_onnxruntime_matches_torch(cli, cli_bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("ROMSCALE_CACHE", str(tmp_path / "cache"))
+    args = ("bundle", "generate", cli_bundle, "--prompt", "the quick brown", "--max-new-tokens", "8")
+    torch_run = cli(*args, "--no-prefetch")
+    native_run = cli(*args, "--runtime", "onnxruntime")
+    assert torch_run.exit_code == 0 and native_run.exit_code == 0, native_run
+    assert native_run.stdout.strip().endswith(torch_run.stdout.strip())  # the same greedy text
+    assert "exporting" in native_run.stdout
+    again = cli(*args, "--runtime", "onnxruntime")  # the cached export is reused
+    assert again.exit_code == 0 and "exporting" not in again.stdout
+
+
+def test_cli_native_export_and_its_bad_inputs(cli, cli_bundle, tmp_path):
+    r = cli("bundle", "native", cli_bundle, "--out", tmp_path / "n")
+    assert r.exit_code == 0, r
+    r = cli("bundle", "generate", tmp_path / "n", "--prompt", "the lazy", "--max-new-tokens", "3", "--runtime", "onnxruntime")
+    assert r.exit_code == 0, r
+    assert_usage_error(cli("bundle", "native", tmp_path / "missing", "--out", tmp_path / "m"), "SOURCE")
+    assert_usage_error(cli("bundle", "native", cli_bundle, "--out", tmp_path / "m", "--weights", "fp8"), "--weights")
+    assert_usage_error(cli("bundle", "native", cli_bundle, "--out", tmp_path / "n"), "--out")  # exists: no --overwrite
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert_usage_error(cli("bundle", "native", cli_bundle, "--out", tmp_path / "mine", "--overwrite"), "--out")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    assert_usage_error(cli("bundle", "generate", cli_bundle, "--prompt", "x", "--runtime", "tvm"), "--runtime")
