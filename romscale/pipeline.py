@@ -133,6 +133,13 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
         after = meki(input_ids=probe).logits
     gen_after, text = _generate(meki, tokenizer, cfg.prompt, cfg.new_tokens)
     val_loss_folded = evaluate_loss(meki, val, cfg.batch_size)  # the same blocks as the curve's points
+    log("native runtime: ONNX exports of the dense and the folded MeKi model, decoded by ONNX Runtime ...")
+    import tempfile
+
+    from romscale.bench.native import quick_native_speed
+
+    with tempfile.TemporaryDirectory(prefix="romscale-native-") as tmp:  # exports are scratch: the speeds are the result
+        native = quick_native_speed(models["dense"], meki, Path(tmp), new_tokens=64, rounds=5, seed=cfg.seed)
 
     results = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
@@ -151,6 +158,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
             "val_loss_diff": val_loss_folded - runs["meki"]["val_loss"],
         },
         "sample": {"prompt": cfg.prompt, "continuation": text},
+        "native_runtime": native,
         "machine": machine_line(),
     }
     png = _plot(

@@ -78,6 +78,9 @@ def test_demo_plots_and_reports_one_validation_figure(tmp_path, tiny_demo):
     assert on_disk["validation"]["blocks"] == 5 and on_disk["validation"]["of_blocks"] > 5
     assert abs(on_disk["fold_check"]["val_loss_diff"]) < 1e-4  # the folded model scores the same
     assert r["dense"]["val_loss"] == on_disk["dense"]["val_loss"]
+    native = on_disk["native_runtime"]  # the native runtime's decode speeds, measured in paired rounds
+    assert set(native["tok_s_mean"]) == {"ort dense", "ort MeKi", "hf eager"} and min(native["tok_s_mean"].values()) > 0
+    assert native["ratios"]["ort MeKi / ort dense"]["n"] == native["rounds"]
     # A complete romscale output, with the folded model a loadable checkpoint of its own.
     assert output_kind(out) == pipeline.OUTPUT_KIND
     files = read_manifest(out, pipeline.OUTPUT_KIND, OutputError)["files"]

@@ -262,9 +262,22 @@ def bench_decode_cmd(
     interleave: str = typer.Option("token", help="token: arms decode in lockstep, one token each in turn | run: one generate() call per arm"),
     seed: int = seed_option(),
     overwrite: bool = overwrite_option(),
+    runtime: str = typer.Option("torch", help="torch: the PyTorch bundle runtime's arms | onnxruntime: the native export "
+                                "(dense and MeKi) next to llama.cpp and HF eager, on the packaged SmolLM2 weights "
+                                "(--min-pairs paired rounds, no stop rule)"),
+    weights: str = typer.Option("fp32", help="with --runtime onnxruntime: fp32 | fp16 | int8 (llama.cpp: f32 | f16 | q8_0)"),
+    anchor: bool = typer.Option(True, help="with --runtime onnxruntime: the llama.cpp arm (pip install 'romscale[bench]')"),
+    work: Optional[Path] = typer.Option(None, help="with --runtime onnxruntime: folder for the exports, the bundle and the "
+                                        "GGUF, reused between runs (default: in the romscale cache)"),
 ) -> None:
     """Batch-1 greedy decode, paired rounds: HF dense vs dense with the fused layout vs the MeKi bundle
-    (table on storage, rows verified); 95% CIs of the speed ratios."""
+    (table on storage, rows verified); 95% CIs of the speed ratios. --runtime onnxruntime: the native
+    runtime's dense and MeKi exports against llama.cpp at the same weight precision."""
+    choice("--runtime", runtime, RUNTIMES)
+    choice("--weights", weights, NATIVE_WEIGHTS)
+    if runtime == "onnxruntime":
+        _bench_native(json_out, d_mem, weights, table_dtype, new_tokens, memory_tokens, min_pairs, anchor, unfolded, work, seed, overwrite)
+        return
     choice("--table-dtype", table_dtype, TABLE_DTYPES)
     choice("--interleave", interleave, ("token", "run"))
     for dm in d_mem:
@@ -298,3 +311,32 @@ def bench_decode_cmd(
     wide = console if console.is_terminal else _console_wide()
     wide.print(results_table(results, title=f"batch-1 greedy decode, {preset} ({machine_line()})"))
     write_json(json_out, {"machine": machine_line(), "results": results}, overwrite=overwrite)
+
+
+def _bench_native(json_out: Path, d_mem: list[int], weights: str, table_dtype: str, new_tokens: int, memory_tokens: int,
+                  rounds: int, anchor: bool, hf_eager: bool, work: Optional[Path], seed: int, overwrite: bool) -> None:
+    choice("--table-dtype", table_dtype, TABLE_DTYPES)
+    if len(d_mem) != 1:
+        raise UsageError("--d-mem: give one value with --runtime onnxruntime")
+    at_least("--d-mem", d_mem[0], 1)
+    at_least("--new-tokens", new_tokens, 2)
+    at_least("--memory-tokens", memory_tokens, 1)
+    at_least("--min-pairs", rounds, 2)
+    check_output("--json", json_out, kind="report", overwrite=overwrite, is_file=True)
+    if anchor:
+        from romscale.rom.llamacpp import _llama_cpp
+
+        _llama_cpp()  # the missing extra is a usage error before any work
+    from romscale.bench.native import NativeBenchConfig, bench_native, native_table
+    from romscale.utils.cache import cache_dir
+    from romscale.utils.machine import machine_line
+
+    cfg = NativeBenchConfig(d_mem=d_mem[0], weights=weights, table_dtype=table_dtype, new_tokens=new_tokens,
+                            memory_tokens=memory_tokens, rounds=rounds, llamacpp=anchor, hf_eager=hf_eager, seed=seed)
+    console = _console()
+    result = bench_native(cfg, work or cache_dir() / "bench-native", log=console.print)
+    wide = console if console.is_terminal else _console_wide()
+    wide.print(native_table(result, f"batch-1 greedy decode, native runtime ({machine_line()})"))
+    for name, t in result["targets"].items():
+        wide.print(f"{name}: {'met' if t['met'] else 'NOT met'} {({k: v for k, v in t.items() if k != 'met'})}")
+    write_json(json_out, {"machine": machine_line(), "runtime": "onnxruntime", **result}, overwrite=overwrite)

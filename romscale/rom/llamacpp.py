@@ -7,6 +7,11 @@ Timing convention of `LlamaCppDecoder.greedy`: `ttft_s` runs from the start of t
 first new token (prefill + one argmax); `decode_s` covers the `new_tokens - 1` single-token steps
 after it, so the decode speed is `(new_tokens - 1) / decode_s`. The last new token is sampled but
 not evaluated, as in any generate loop. EOS does not stop the loop: a benchmark decodes a fixed count.
+
+The sdist builds llama.cpp with OpenMP, whose threads spin while they wait: when another process
+holds a core, 2 threads can drop to a few tok/s (1.2 tok/s at f32 against 30 with 1 thread, measured
+here). Time on an idle machine, or set OMP_WAIT_POLICY=passive before llama_cpp is first imported.
+Close a decoder (close() or `with`): a Llama freed at interpreter exit prints a traceback.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from romscale.errors import RomscaleError
 
@@ -91,6 +97,7 @@ def requantize_gguf(
             raise LlamaCppError(f"llama_model_quantize {src} -> {precision} failed (return code {rc})")
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the model private to its writer
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -177,7 +184,7 @@ class LlamaCppDecoder:
             llama.close()
             self.llama = None
 
-    def __enter__(self) -> "LlamaCppDecoder":
+    def __enter__(self) -> LlamaCppDecoder:
         return self
 
     def __exit__(self, *exc: object) -> None:

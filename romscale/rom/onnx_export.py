@@ -25,7 +25,6 @@ case, which MatMulNBits does not offer for K = 576); fp16 through ONNX Runtime's
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import warnings
 from pathlib import Path

@@ -5,7 +5,7 @@ Per step the host knows the new token ids first (the prompt, or the token just s
 exactly their rows from the mmap'd table (each row checked against its CRC as it is read,
 romscale.rom.table), and runs the program once. There is nothing to overlap the read with: the
 program's first layer needs the rows, and the id is known only when the previous step ended; a
-row is one contiguous read of layers x d_mem values (8.6 KB at SmolLM2 d_mem 72, fp16), served by
+row is one contiguous read of layers x d_mem values (4,320 bytes + a 4-byte CRC at SmolLM2 d_mem 72, fp16), served by
 the page cache after its first touch. The KV cache stays in ONNX Runtime's own buffers between
 steps (I/O binding), never copied through numpy.
 """
