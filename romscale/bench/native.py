@@ -175,9 +175,16 @@ def _probe(kind: str, path: str, prompt: list[int], n: int, threads: int, queue)
         out: dict[str, Any] = {"rss_anon_before_bytes": before, "rss_anon_after_bytes": rss_anon_bytes(),
                                "rss_total_bytes": rss_bytes(), "peak_rss_bytes": rss_bytes("VmHWM")}
         if dec.table is not None:
+            import torch
+
+            from romscale.bench.decode import _touched_bytes
+
             ids = np.unique(np.concatenate([p[0], r.tokens[0]]))
+            # touched: the whole pages holding the rows read (and the row checksums, read at open),
+            # as the PyTorch runtime's benchmark counts them; rows_bytes: the rows' own bytes
             out.update(table_bytes=dec.table.table_bytes, table_resident_bytes=dec.table.resident_bytes(),
-                       touched_rows_bytes=int(ids.size) * dec.table.row_bytes, distinct_tokens=int(ids.size),
+                       touched_rows_bytes=_touched_bytes(torch.from_numpy(ids), dec.table.manifest),
+                       rows_bytes=int(ids.size) * dec.table.row_bytes, distinct_tokens=int(ids.size),
                        row_bytes_per_token=dec.table.row_bytes)
         dec.close()
         queue.put(out)
@@ -190,7 +197,16 @@ def _probe_in_child(kind: str, path: Path, prompt: list[int], n: int, threads: i
     q = ctx.Queue()
     proc = ctx.Process(target=_probe, args=(kind, str(path), prompt, n, threads, q))
     proc.start()
-    out = q.get(timeout=900)
+    import queue as queue_mod
+
+    while True:  # a child that died without reporting must not hang the benchmark
+        try:
+            out = q.get(timeout=5)
+            break
+        except queue_mod.Empty:
+            if not proc.is_alive():
+                out = {"error": f"the memory probe process exited with code {proc.exitcode} without a report"}
+                break
     proc.join()
     return out
 

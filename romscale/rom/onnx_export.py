@@ -165,10 +165,23 @@ def _convert(path: Path, weights: str) -> None:
 
     proto = onnx.load(str(path))
     if weights == "int8":
+        import logging
+
+        # The quantiser's module calls logging.basicConfig(level=INFO) on import and logs a line
+        # per graph node: keep the caller's root logger as it was, and the module quiet.
+        root = logging.getLogger()
+        handlers, root_level = list(root.handlers), root.level
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        q = MatMulNBitsQuantizer(proto, bits=8, block_size=32, is_symmetric=True)
-        q.process()
+        root.handlers[:], root.level = handlers, root_level
+        log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+        level = log.level
+        log.setLevel(logging.WARNING)
+        try:
+            q = MatMulNBitsQuantizer(proto, bits=8, block_size=32, is_symmetric=True)
+            q.process()
+        finally:
+            log.setLevel(level)
         proto = q.model.model
     else:
         from onnxruntime.transformers.float16 import convert_float_to_float16
