@@ -56,6 +56,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time these resolve 
     from romscale.train.config import TrainConfig
     from romscale.memories.base import get_memory
     from romscale.meki.io import load_memories, save_memories
+    from romscale.rom.onnx_export import export_native
+    from romscale.rom.ort_runtime import OrtDecoder
 
 _EXPORTS: dict[str, str] = {
     "MekiConfig": "romscale.meki.config",
@@ -94,6 +96,8 @@ _EXPORTS: dict[str, str] = {
     "get_memory": "romscale.memories.base",
     "save_memories": "romscale.meki.io",
     "load_memories": "romscale.meki.io",
+    "export_native": "romscale.rom.onnx_export",
+    "OrtDecoder": "romscale.rom.ort_runtime",
 }
 
 __all__ = [  # a literal list, so that static analysers read it; equals _EXPORTS + the two above
@@ -108,6 +112,7 @@ __all__ = [  # a literal list, so that static analysers read it; equals _EXPORTS
     "LoraTrainConfig",
     "MekiConfig",
     "MergeOptions",
+    "OrtDecoder",
     "RomscaleError",
     "TaskBank",
     "TaskEvaluator",
@@ -116,6 +121,7 @@ __all__ = [  # a literal list, so that static analysers read it; equals _EXPORTS
     "attach_meki",
     "detach_meki",
     "export_bundle",
+    "export_native",
     "fit_hydraopt",
     "fold",
     "get_clusterer",

@@ -19,6 +19,7 @@ EXPECTED = {
     "TaskBank", "write_task_bank", "LoraTrainConfig", "train_task_adapters", "load_library", "AdapterSlot",
     "TaskEvaluator", "ClusterProblem", "get_clusterer", "D2CConfig", "run_d2c", "AdapterBenchmark",
     "AdapterBenchmarkConfig", "TrainConfig", "get_memory", "save_memories", "load_memories",
+    "export_native", "OrtDecoder",
 }
 
 
