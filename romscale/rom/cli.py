@@ -276,7 +276,7 @@ def bench_decode_cmd(
     choice("--runtime", runtime, RUNTIMES)
     choice("--weights", weights, NATIVE_WEIGHTS)
     if runtime == "onnxruntime":
-        _bench_native(json_out, d_mem, weights, table_dtype, new_tokens, memory_tokens, min_pairs, anchor, unfolded, work, seed, overwrite)
+        _bench_native(json_out, d_mem, weights, table_dtype, new_tokens, memory_tokens, min_pairs, anchor, work, seed, overwrite)
         return
     choice("--table-dtype", table_dtype, TABLE_DTYPES)
     choice("--interleave", interleave, ("token", "run"))
@@ -314,7 +314,7 @@ def bench_decode_cmd(
 
 
 def _bench_native(json_out: Path, d_mem: list[int], weights: str, table_dtype: str, new_tokens: int, memory_tokens: int,
-                  rounds: int, anchor: bool, hf_eager: bool, work: Optional[Path], seed: int, overwrite: bool) -> None:
+                  rounds: int, anchor: bool, work: Optional[Path], seed: int, overwrite: bool) -> None:
     choice("--table-dtype", table_dtype, TABLE_DTYPES)
     if len(d_mem) != 1:
         raise UsageError("--d-mem: give one value with --runtime onnxruntime")
@@ -332,7 +332,7 @@ def _bench_native(json_out: Path, d_mem: list[int], weights: str, table_dtype: s
     from romscale.utils.machine import machine_line
 
     cfg = NativeBenchConfig(d_mem=d_mem[0], weights=weights, table_dtype=table_dtype, new_tokens=new_tokens,
-                            memory_tokens=memory_tokens, rounds=rounds, llamacpp=anchor, hf_eager=hf_eager, seed=seed)
+                            memory_tokens=memory_tokens, rounds=rounds, llamacpp=anchor, hf_eager=True, seed=seed)
     console = _console()
     result = bench_native(cfg, work or cache_dir() / "bench-native", log=console.print)
     wide = console if console.is_terminal else _console_wide()

@@ -189,3 +189,15 @@ def test_cli_native_export_and_its_bad_inputs(cli, cli_bundle, tmp_path):
     assert_usage_error(cli("bundle", "native", cli_bundle, "--out", tmp_path / "mine", "--overwrite"), "--out")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     assert_usage_error(cli("bundle", "generate", cli_bundle, "--prompt", "x", "--runtime", "tvm"), "--runtime")
+
+
+def test_cli_native_bench_checks_its_options_before_any_work(cli, tmp_path):
+    args = ("bundle", "bench", "decode", "--runtime", "onnxruntime", "--json", tmp_path / "r.json")
+    assert_usage_error(cli(*args, "--d-mem", "72", "--d-mem", "8"), "--d-mem")
+    assert_usage_error(cli(*args, "--weights", "int4"), "--weights")
+    assert_usage_error(cli(*args, "--min-pairs", "1"), "--min-pairs")
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:  # without the bench extra the anchor is refused up front, naming the extra
+        assert_usage_error(cli(*args), "romscale[bench]")
+    assert not (tmp_path / "r.json").exists()
