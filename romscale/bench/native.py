@@ -88,10 +88,9 @@ def prepare(cfg: NativeBenchConfig, work: Path, log=print) -> dict[str, Path]:
         finally:
             b.close()
     if cfg.llamacpp:
-        from romscale.models import PACKAGED_MODELS as P
         from romscale.rom.llamacpp import requantize_gguf
 
-        if cfg.model not in P:
+        if cfg.model not in PACKAGED_MODELS:
             raise RomscaleError("the llama.cpp arm re-quantises the packaged GGUF: use the packaged model or --no-llamacpp")
         gguf = work / f"llamacpp-{GGUF_PRECISION[cfg.weights]}.gguf"
         if not gguf.is_file():
