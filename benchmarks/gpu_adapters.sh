@@ -1,19 +1,44 @@
 #!/usr/bin/env bash
 # The adapter benchmark on the lent GPU (issue: GPU run, 40 tasks). Run from the repo root on the
-# device machine, in consecutive calls on one warm machine (docs/gpu.md of the shared notes):
-#   benchmarks/gpu_adapters.sh part1   # carry .devcache/smol.gguf.part-aa: copies it to /tmp
-#   benchmarks/gpu_adapters.sh run     # carry .devcache/smol.gguf.part-ab .devcache/bank .whl:
-#                                      # joins + checks the GGUF, converts it once, runs / resumes
-# The work folder (/tmp/abench) lives on the device between calls; every call writes the results
-# so far (JSON, markdown, PNG, log, the finished points) under $OUT.
+# device machine, in consecutive calls on one warm machine (the shared notes' gpu.md):
+#   benchmarks/gpu_adapters.sh part1   # carry .devcache/smol.gguf.part-aa: copies it to /tmp; checks
+#                                      # merges on the GPU against the CPU (benchmarks/merge_device_check.py)
+#   benchmarks/gpu_adapters.sh run     # carry .devcache/smol.gguf.part-ab .devcache/bank .whl: joins and
+#                                      # checks the GGUF, converts it once, starts SHARDS processes
+#                                      # (`romscale adapters benchmark --shard i/SHARDS`, detached with
+#                                      # setsid, so they outlive the call), waits up to BUDGET_S
+#   benchmarks/gpu_adapters.sh wait    # no carry: waits up to BUDGET_S more
+# `run` and `wait` end by writing the results so far (`--report-only`: nothing is computed;
+# JSON, markdown, PNG, the shards' logs, the finished points) under $OUT.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/.whl/site:$PWD" ROMSCALE_CACHE=/tmp/romscale-cache HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+OUTDIR="${OUT:-/tmp/out}"; mkdir -p "$OUTDIR"
+SHARDS="${SHARDS:-4}"
+WORK=/tmp/abench
+
+report() {  # the results so far (every point already computed by a shard is reused)
+  python3 -m romscale adapters benchmark /tmp/adapters-gpu.yaml --out "$WORK" --report-only \
+    --json "$OUTDIR/adapters_benchmark_gpu.json" --md "$OUTDIR/adapters_benchmark_gpu.md" \
+    --png "$OUTDIR/adapters_benchmark_gpu.png" > "$OUTDIR/report.log" 2>&1 || tail -5 "$OUTDIR/report.log"
+  for i in $(seq 0 $((SHARDS - 1))); do echo "== shard $i"; cat "/tmp/shard-$i.log" 2>/dev/null; done > "$OUTDIR/shards.log"
+  tar czf "$OUTDIR/points.tgz" -C "$WORK" points 2>/dev/null || true
+}
+
+wait_shards() {  # until every shard has exited or BUDGET_S seconds passed
+  local end=$((SECONDS + ${BUDGET_S:-500}))
+  while [ $SECONDS -lt $end ] && pgrep -f "adapters benchmark /tmp/adapters-gpu.yaml" > /dev/null; do
+    sleep 20
+    echo "$(date +%T) points: $(ls $WORK/points 2>/dev/null | grep -vc state) | adapters: $(ls -d $WORK/lib/*/ 2>/dev/null | wc -l)"
+  done
+}
+
 case "${1:-run}" in
   part1)
-    cp .devcache/smol.gguf.part-aa /tmp/smol.gguf.part-aa && ls -la /tmp/smol.gguf.part-aa ;;
+    cp .devcache/smol.gguf.part-aa /tmp/smol.gguf.part-aa && ls -la /tmp/smol.gguf.part-aa
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUTDIR/gpu.txt"
+    python3 benchmarks/merge_device_check.py --device cuda --json "$OUTDIR/merge_device_gpu.json" ;;
   run)
-    OUTDIR="${OUT:-/tmp/out}"; mkdir -p "$OUTDIR"
     if [ ! -f /tmp/smol.gguf ]; then
       cat /tmp/smol.gguf.part-aa .devcache/smol.gguf.part-ab > /tmp/smol.gguf
       echo "$GGUF_SHA  /tmp/smol.gguf" | sha256sum -c -
@@ -32,14 +57,18 @@ if output_kind(folder) != PACKAGED_KIND:
 print("base model:", folder, "| GPU:", torch.cuda.get_device_name(0))
 PY
     rm -rf /tmp/bank && cp -r .devcache/bank /tmp/bank
-    # TASKS / BUDGETS override the config's task list and budgets (a shorter run on what is trained)
+    # TASKS / BUDGETS override the config's task list and budgets (a shorter run)
     sed -e "s#^bank: BANK#bank: /tmp/bank#" ${TASKS:+-e "s#^tasks: .*#tasks: $TASKS#"} \
         ${BUDGETS:+-e "s#^budgets: .*#budgets: $BUDGETS#"} configs/adapters-gpu.yaml > /tmp/adapters-gpu.yaml
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUTDIR/gpu.txt"
-    set +e
-    timeout "${BUDGET_S:-540}" python3 -m romscale adapters benchmark /tmp/adapters-gpu.yaml --out /tmp/abench \
-      --max-minutes "${POINT_MINUTES:-7}" --json "$OUTDIR/adapters_benchmark_gpu.json" \
-      --md "$OUTDIR/adapters_benchmark_gpu.md" --png "$OUTDIR/adapters_benchmark_gpu.png" 2>&1 | tee "$OUTDIR/log"
-    echo "exit: ${PIPESTATUS[0]}"
-    tar czf "$OUTDIR/points.tgz" -C /tmp/abench points lib/runs.json 2>/dev/null || true ;;
+    cp -r "$PWD" /tmp/repo  # the shards outlive this call, and the working tree with it
+    for i in $(seq 0 $((SHARDS - 1))); do
+      (cd /tmp/repo && OMP_NUM_THREADS=$((16 / SHARDS)) PYTHONPATH="/tmp/repo/.whl/site:/tmp/repo" setsid nohup \
+        python3 -m romscale adapters benchmark /tmp/adapters-gpu.yaml --out "$WORK" --shard "$i/$SHARDS" \
+        > "/tmp/shard-$i.log" 2>&1 < /dev/null &)
+      [ "$i" = 0 ] && sleep 15  # shard 0 makes the work folder; the others wait for it anyway
+    done
+    wait_shards; report ;;
+  wait)
+    wait_shards; report ;;
 esac

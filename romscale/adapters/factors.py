@@ -38,6 +38,10 @@ class ModuleStack:
     def ranks(self) -> list[int]:
         return [int(a.shape[0]) for a in self.A]
 
+    def to(self, device: torch.device | str) -> "ModuleStack":
+        """The same stack with its factors on `device`."""
+        return ModuleStack(self.name, [a.to(device) for a in self.A], [b.to(device) for b in self.B], list(self.scaling))
+
     def delta(self, t: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         # Same operation order as PEFT's get_delta_weight: (B @ A) * scaling.
         return (self.B[t].to(dtype) @ self.A[t].to(dtype)) * self.scaling[t]
@@ -46,7 +50,7 @@ class ModuleStack:
         """All dense updates, (N, d_out, d_in), each computed exactly as `delta` (so bit for bit as
         PEFT's: magnitude trimming then keeps the same entries). Pass a reused `out` for large
         stacks: fresh allocations above glibc's mmap threshold page-fault on every call."""
-        D = out if out is not None else torch.empty(self.n, self.d_out, self.d_in, dtype=dtype)
+        D = out if out is not None else torch.empty(self.n, self.d_out, self.d_in, dtype=dtype, device=self.A[0].device)
         for t in range(self.n):
             torch.matmul(self.B[t].to(dtype), self.A[t].to(dtype), out=D[t])
             D[t].mul_(self.scaling[t])
@@ -55,8 +59,8 @@ class ModuleStack:
     def padded(self, dtype: torch.dtype = torch.float64, fold_scaling: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (N, r_max, d_in), B (N, d_out, r_max)); zero padding leaves every B @ A unchanged."""
         r = max(self.ranks)
-        A = torch.zeros(self.n, r, self.d_in, dtype=dtype)
-        B = torch.zeros(self.n, self.d_out, r, dtype=dtype)
+        A = torch.zeros(self.n, r, self.d_in, dtype=dtype, device=self.A[0].device)
+        B = torch.zeros(self.n, self.d_out, r, dtype=dtype, device=self.A[0].device)
         for t in range(self.n):
             k = self.ranks[t]
             A[t, :k] = self.A[t].to(dtype)
@@ -81,21 +85,29 @@ def rel_error_sq(B: torch.Tensor, A: torch.Tensor, Bh: torch.Tensor, Ah: torch.T
     return err.clamp_min(0) / n
 
 
+def _top_eigenvectors(G: torch.Tensor, k: int) -> torch.Tensor:
+    """The k leading eigenvectors of a symmetric float64 matrix, largest first. On the CPU LAPACK
+    computes just those k; on an accelerator a full eigh is one fast call (no subset driver there)."""
+    n = G.shape[0]
+    if G.device.type == "cpu":
+        _, V = scipy.linalg.eigh(G.numpy(), subset_by_index=[n - k, n - 1])
+        return torch.from_numpy(V[:, ::-1].copy())
+    return torch.linalg.eigh(G)[1][:, n - k :].flip(1)
+
+
 def truncate_dense(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-`rank` factors (B, A) of a dense matrix (same product as PEFT's U S, Vh)."""
     d_out, d_in = M.shape
     k = min(rank, d_out, d_in)
     if 4 * k <= min(d_out, d_in):
-        # Only k singular directions are needed: LAPACK computes just the top-k eigenpairs of the
-        # smaller Gram, in float64 so that squaring the spectrum costs no accuracy that matters.
+        # Only k singular directions are needed: the top-k eigenpairs of the smaller Gram, in
+        # float64 so that squaring the spectrum costs no accuracy that matters.
         Md = M.double()
         if d_out <= d_in:
-            _, U = scipy.linalg.eigh((Md @ Md.T).numpy(), subset_by_index=[d_out - k, d_out - 1])
-            U = torch.from_numpy(U[:, ::-1].copy())
+            U = _top_eigenvectors(Md @ Md.T, k)
             B, A = U, U.T @ Md
         else:
-            _, V = scipy.linalg.eigh((Md.T @ Md).numpy(), subset_by_index=[d_in - k, d_in - 1])
-            V = torch.from_numpy(V[:, ::-1].copy())
+            V = _top_eigenvectors(Md.T @ Md, k)
             B, A = Md @ V, V.T
         return _pad_rank(B.to(M.dtype), A.to(M.dtype), rank)
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
@@ -125,8 +137,8 @@ def _pad_rank(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor
     k = A.shape[0]
     if k >= rank:
         return B.contiguous(), A.contiguous()
-    Bp = torch.zeros(B.shape[0], rank, dtype=B.dtype)
-    Ap = torch.zeros(rank, A.shape[1], dtype=A.dtype)
+    Bp = torch.zeros(B.shape[0], rank, dtype=B.dtype, device=B.device)
+    Ap = torch.zeros(rank, A.shape[1], dtype=A.dtype, device=A.device)
     Bp[:, :k], Ap[:k] = B, A
     return Bp, Ap
 

@@ -54,8 +54,12 @@ def top_k_mask(t: torch.Tensor, k: int) -> torch.Tensor:
     {|x| >= k-th}, found by the radix select; otherwise topk chooses among the tied entries."""
     flat = t.detach().reshape(-1)
     if k <= 0:
-        return torch.zeros(t.shape, dtype=torch.bool)
+        return torch.zeros(t.shape, dtype=torch.bool, device=t.device)
     a = flat.abs()
+    if a.device.type != "cpu":  # on an accelerator topk is one fast kernel; the radix select is for CPUs
+        mask = torch.zeros_like(a, dtype=torch.bool)
+        mask[torch.topk(a, k, largest=True).indices] = True
+        return mask.view(t.shape)
     mask = a >= torch.as_tensor(kth_largest_abs(a, k), dtype=a.dtype)
     if int(mask.sum()) != k:
         mask = torch.zeros_like(mask)
@@ -80,10 +84,11 @@ def random_drop(t: torch.Tensor, density: float, rng: Rng, rescale: bool = True)
     if density == 0:
         raise RomscaleError("DARE needs density > 0 (it rescales the kept entries by 1/density)")
     if isinstance(rng, torch.Generator):
-        mask = torch.bernoulli(torch.full_like(t, density), generator=rng)
+        # drawn on the CPU whatever the device: the generator is a CPU one (PEFT's stream)
+        mask = torch.bernoulli(torch.full(t.shape, density, dtype=t.dtype), generator=rng).to(t.device)
     else:
         u = rng.integers(0, 65536, size=t.numel(), dtype=np.uint16)
-        mask = torch.from_numpy(u < int(round(density * 65536))).reshape(t.shape).to(t.dtype)
+        mask = torch.from_numpy(u < int(round(density * 65536))).reshape(t.shape).to(t.device, t.dtype)
     out = t * mask
     return out / density if rescale else out
 
@@ -112,7 +117,7 @@ def combine(
     X = X.contiguous()
     N, shape = X.shape[0], X.shape[1:]
     Xf = X.view(N, -1)
-    w = weights.to(X.dtype)
+    w = weights.to(X.device, X.dtype)
     if kind in ("ties", "magnitude_prune") and density < 1:
         k = int(density * Xf.shape[1])
         for t in range(N):
@@ -126,7 +131,7 @@ def combine(
         return (w @ Xf).view(shape)
     # TIES: elect a sign per entry from the unweighted tensors (as PEFT), average the agreeing
     # weighted entries. With s = +-1 the elected sign, x agrees iff s*x > 0, and x*[agree] = s*relu(s*x).
-    out = torch.empty(Xf.shape[1], dtype=X.dtype)
+    out = torch.empty(Xf.shape[1], dtype=X.dtype, device=X.device)
     step = max(1024, _CHUNK_BYTES // (N * X.element_size()))
     for s in range(0, Xf.shape[1], step):
         x = Xf[:, s : s + step]

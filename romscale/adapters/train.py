@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from romscale.adapters.library import (
+    LIBRARY_KIND,
     ADAPTER_KIND,
     check_library,
     check_library_target,
@@ -201,14 +202,22 @@ def train_one(model: torch.nn.Module, tokenizer: Any, task: Any, cfg: LoraTrainC
 
 def train_task_adapters(bank: Any, base: str | Path, out: Path, cfg: LoraTrainConfig, tasks: Sequence[str] | None = None,
                         progress: bool = True, overwrite: bool = False,
-                        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                        log: Callable[[str], None] | None = None, shard: tuple[int, int] | None = None) -> dict[str, Any]:
     """Train one LoRA per task of `bank` (all of them, or `tasks`) into the library `out`.
 
     A new `out` is created (kind "adapter-library"); an existing library is resumed: finished tasks
     are skipped, if it was made with the same base and config (else an error says what differs).
-    `overwrite` starts the library again. Returns {"trained": [...], "skipped": [...], "runs": {...}}."""
+    `overwrite` starts the library again. `shard=(i, n)`: train only every n-th task from the i-th
+    (processes sharing one GPU; shard 0 creates the library, the others wait for it to exist).
+    Returns {"trained": [...], "skipped": [...], "runs": {...}}."""
     out = Path(out)
     names = list(bank.names if tasks is None else tasks)
+    if shard is not None and shard[0] > 0:
+        if overwrite:
+            raise RomscaleError("--overwrite is for shard 0 only (it would delete the other shards' work)")
+        from romscale.utils.outputs import wait_for_output
+
+        wait_for_output(out, LIBRARY_KIND, what=f"--out {out} (made by shard 0)")
     unknown = [t for t in names if t not in bank.names]
     if unknown:
         raise RomscaleError(f"--tasks: {unknown[:5]} not in the task bank {bank.path} (it has {bank.names[:8]}...)")
@@ -231,7 +240,7 @@ def train_task_adapters(bank: Any, base: str | Path, out: Path, cfg: LoraTrainCo
         create_library(out, label, record, inputs=inputs, overwrite=overwrite)
     say = log or (lambda s: None)
     todo, skipped = [], []
-    for t in names:
+    for t in (names if shard is None else names[shard[0] :: shard[1]]):
         (skipped if finished_adapter(out, t) is not None else todo).append(t)
     if skipped:
         say(f"resuming {out}: {len(skipped)} finished task(s) skipped, {len(todo)} to train")
@@ -251,8 +260,13 @@ def train_task_adapters(bank: Any, base: str | Path, out: Path, cfg: LoraTrainCo
                 o.meta["run"] = {**dataclasses.asdict(run), "config": record, "seed": cfg.seed, "base": label}
             model = peft.unload()  # the plain base model again (LoRA layers removed, weights untouched)
             trained.append(t)
-            write_runs(out, names)
+            if shard is None:  # shards would race on runs.json: the unsharded run after them writes it
+                write_runs(out, names)
             say(f"{t}: {run.steps} steps in {run.seconds:.1f} s, final loss {run.final_loss:.4f}")
+    if shard is not None:
+        mine = trained + skipped
+        return {"library": str(out), "base": label, "trained": trained, "skipped": skipped,
+                "runs": {t: finished_adapter(out, t) for t in mine}}
     path = write_runs(out, names) if not trained else out / "runs.json"
     from romscale.utils.outputs import read_json
 

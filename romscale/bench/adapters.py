@@ -21,7 +21,7 @@ from typing import Any, Callable, Literal, Optional
 
 from romscale.errors import RomscaleError
 from romscale.utils.config import build, to_plain
-from romscale.utils.outputs import read_json, work_dir, write_json_output
+from romscale.utils.outputs import read_json, wait_for_output, work_dir, write_json_output
 
 WORK_KIND = "adapters-benchmark"
 RESULT_KIND = "adapters-benchmark-results"
@@ -111,6 +111,19 @@ def plan(cfg: AdapterBenchmarkConfig, n_tasks: int) -> list[Point]:
     return pts
 
 
+def shard_points(points: list[Point], i: int, n: int) -> list[Point]:
+    """Shard i's points of n, round robin in plan order; D2C x HydraOpt goes with the D2C point whose
+    search (and state file) it reuses, so no two shards run one search."""
+    index = {p.id: j for j, p in enumerate(points)}
+
+    def owner(p: Point) -> int:
+        if p.method == "d2c_hydraopt":
+            return index.get(Point("cluster/d2c-moved", k=p.k, seed=p.seed).id, index[p.id]) % n
+        return index[p.id] % n
+
+    return [p for p in points if owner(p) == i]
+
+
 def _adapter_key(adapter) -> str:
     """A content hash of an adapter's factors: identical adapters share their scores."""
     h = hashlib.sha256()
@@ -126,16 +139,26 @@ class AdapterBenchmark:
     """Runs (or resumes) a benchmark in a work folder; `run()` returns the results dict."""
 
     def __init__(self, cfg: AdapterBenchmarkConfig, out: Path, *, overwrite: bool = False, progress: bool = False,
-                 log: Callable[[str], None] = print) -> None:
-        self.cfg, self.progress, self.log = cfg, progress, log
+                 log: Callable[[str], None] = print, shard: tuple[int, int] | None = None) -> None:
+        """`shard=(i, n)`: one of n processes sharing the work (one GPU, say): it trains every n-th
+        task and computes every n-th point from the i-th. Shard 0 creates the work folder and the
+        library, the others wait for them; every shard waits for all adapters before scoring. An
+        unsharded run afterwards finds every point done and writes the results."""
+        self.cfg, self.progress, self.log, self.shard = cfg, progress, log, shard
         self.bank_dir = Path(cfg.bank)
+        if shard is not None and not (0 <= shard[0] < shard[1]):
+            raise RomscaleError(f"--shard: expected I/N with 0 <= I < N; got {shard[0]}/{shard[1]}")
+        if shard is not None and shard[0] > 0:
+            if overwrite:
+                raise RomscaleError("--overwrite is for shard 0 only (it would delete the other shards' work)")
+            wait_for_output(out, WORK_KIND, what=f"--out {out} (made by shard 0)")
         self.out = work_dir(out, kind=WORK_KIND, inputs=[self.bank_dir], overwrite=overwrite, what="--out")
         (self.out / "points").mkdir(exist_ok=True)
         self._scores: dict[tuple[str, str], dict[str, Any]] = {}  # (task, adapter key) -> score record
         self._mergers: dict[tuple[str, int], Callable] = {}
 
     # -- stages ----------------------------------------------------------------------------------
-    def _setup(self) -> None:
+    def _setup(self, report_only: bool = False) -> None:
         from romscale.adapters.library import load_library
         from romscale.adapters.train import LoraTrainConfig, train_task_adapters
         from romscale.data.taskbank import TaskBank
@@ -155,12 +178,37 @@ class AdapterBenchmark:
             get_merge_method(m)
         build(D2CConfig, {**dict(self.cfg.d2c), "k": 1}, "config", prefix="d2c")
         t0 = time.perf_counter()
-        self.train_record = train_task_adapters(self.bank, self.cfg.base, self.out / "lib", self.train_cfg,
-                                                tasks=self.names, progress=self.progress, log=self.log)
+        if report_only:
+            from romscale.adapters.library import finished_adapter
+
+            lib = self.out / "lib"
+            runs = {t: finished_adapter(lib, t) if (lib / t).exists() else None for t in self.names}
+            if None in runs.values():
+                raise RomscaleError(f"--report-only: {lib} has no adapters yet for {[t for t, r in runs.items() if r is None][:5]}")
+            self.train_record = {"library": str(lib), "trained": [], "skipped": list(self.names), "runs": runs}
+        else:
+            self.train_record = train_task_adapters(self.bank, self.cfg.base, self.out / "lib", self.train_cfg,
+                                                    tasks=self.names, progress=self.progress, log=self.log, shard=self.shard)
+        if self.shard is not None:
+            self._wait_for_adapters()
         self.train_seconds = round(time.perf_counter() - t0, 1)
         self.library = load_library(self.out / "lib", tasks=self.names)
         self.lib_storage = self.library.storage()
         self._model = None
+
+    def _wait_for_adapters(self, timeout_s: float = 3600.0) -> None:
+        """Until every task's adapter is finished (the other shards train theirs)."""
+        from romscale.adapters.library import finished_adapter
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            missing = [t for t in self.names if finished_adapter(self.out / "lib", t) is None]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise RomscaleError(f"--shard: the adapters of {missing[:5]} are still missing after {timeout_s:.0f} s; "
+                                    "is every shard running?")
+            time.sleep(2.0)
 
     def _evaluator(self):
         if self._model is None:
@@ -203,9 +251,13 @@ class AdapterBenchmark:
         from romscale.adapters.clusterers import cluster_merger
         from romscale.adapters.merge import MergeOptions
 
+        from romscale.adapters.train import _device
+
         key = (method or self.cfg.merge, seed)
         if key not in self._mergers:
-            inner = cluster_merger(self.library, key[0], MergeOptions(density=self.cfg.density, seed=seed))
+            dev = _device(self.train_cfg)  # merge where the model runs: on a GPU host the CPU merge was D2C's bottleneck
+            options = MergeOptions(density=self.cfg.density, seed=seed, device=None if dev.type == "cpu" else str(dev))
+            inner = cluster_merger(self.library, key[0], options)
             cache: dict[tuple[str, ...], Any] = {}
 
             def merge(members: tuple[str, ...]):
@@ -325,12 +377,15 @@ class AdapterBenchmark:
 
         return fit_hydraopt_grouped(self.library, [partition[t] for t in self.library.names])
 
-    def run(self, max_seconds: float | None = None) -> dict[str, Any]:
+    def run(self, max_seconds: float | None = None, report_only: bool = False) -> dict[str, Any]:
         """Compute (or reuse) every point; with `max_seconds`, no new point starts after that much
-        wall time and the results list the points still missing (a rerun resumes them)."""
+        wall time and the results list the points still missing (a rerun resumes them).
+        `report_only`: train and compute nothing, report the points already done (while shards run)."""
         start = time.perf_counter()
-        self._setup()
+        self._setup(report_only)
         points = self.points
+        if self.shard is not None:
+            points = shard_points(points, *self.shard)
         done: list[dict[str, Any]] = []
         missing: list[str] = []
         for i, p in enumerate(points):
@@ -340,7 +395,7 @@ class AdapterBenchmark:
                 if rec.get("romscale_output") == POINT_KIND and set(rec.get("scores", {})) == set(self.names):
                     done.append(rec)
                     continue
-            if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            if report_only or (max_seconds is not None and time.perf_counter() - start > max_seconds):
                 missing.append(p.id)
                 continue
             t0 = time.perf_counter()
@@ -380,4 +435,4 @@ def load_points(folder: Path) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["AdapterBenchmarkConfig", "AdapterBenchmark", "Point", "plan", "load_points"]
+__all__ = ["AdapterBenchmarkConfig", "AdapterBenchmark", "Point", "plan", "shard_points", "load_points"]

@@ -21,11 +21,21 @@ def benchmark(
     png: Optional[Path] = typer.Option(None, "--png", help="also write the score-vs-storage plot to this file", metavar="PATH"),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="start no new point after this many minutes; "
                                                 "the results list what is missing and a rerun resumes it"),
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N",
+                                        help="be process I of N sharing the work (one GPU, say): every N-th task and point "
+                                        "from the I-th; start shard 0 first; a run without --shard afterwards writes the results"),
+    report_only: bool = typer.Option(False, "--report-only", help="train and compute nothing: report the points already "
+                                     "done (while shards are running, say)"),
     overwrite: bool = overwrite_option(),
 ) -> None:
     """Train one LoRA per task, then score every method at every budget: JSON, table and plot."""
     if max_minutes is not None:
         at_least("--max-minutes", max_minutes, 0.0, strict=True)
+    shard_of = _parse_shard(shard)
+    if shard_of is not None and (json_out or md or png):
+        raise UsageError("--shard: a shard writes its points only; write --json/--md/--png with a run without --shard")
+    if report_only and (shard_of is not None or overwrite):
+        raise UsageError("--report-only: takes neither --shard nor --overwrite (it reads a work folder as it is)")
     if not config.is_file():
         raise UsageError(f"CONFIG {config}: no such file; expected a YAML benchmark config")
     from romscale.utils.config import load
@@ -36,6 +46,12 @@ def benchmark(
     if not bank.is_dir():
         raise UsageError(f"{config}: bank {bank} is not a folder; build one with romscale data taskbank --out {bank}")
     inputs = [bank, config]
+    if report_only:
+        from romscale.bench.adapters import WORK_KIND
+        from romscale.utils.outputs import output_kind
+
+        if output_kind(out) != WORK_KIND:
+            raise UsageError(f"--out {out}: not a benchmark work folder; --report-only reads one a run has made")
     for opt, path in (("--json", json_out), ("--md", md), ("--png", png)):
         check_output(opt, path, kind="png" if opt == "--png" else RESULT_KIND, inputs=inputs, overwrite=overwrite, is_file=True)
     from rich.console import Console
@@ -45,8 +61,12 @@ def benchmark(
     from romscale.utils.outputs import write_json_output, write_png_output, write_text_output
 
     console = Console(stderr=True)
-    run = AdapterBenchmark(cfg, out, overwrite=overwrite, progress=sys.stderr.isatty(), log=console.print)
-    results = run.run(max_seconds=None if max_minutes is None else 60.0 * max_minutes)
+    run = AdapterBenchmark(cfg, out, overwrite=overwrite, progress=sys.stderr.isatty(), log=console.print, shard=shard_of)
+    results = run.run(max_seconds=None if max_minutes is None else 60.0 * max_minutes, report_only=report_only)
+    if shard_of is not None:
+        console.print(f"shard {shard}: {len(results['points'])} point(s) done, {len(results['missing'])} left; "
+                      f"run without --shard to write the results")
+        return
     write_json_output(run.out / "results.json", results, kind=RESULT_KIND, overwrite=True)
     text = markdown(results)
     write_text_output(run.out / "results.md", text, kind=RESULT_KIND, overwrite=True)
@@ -58,3 +78,12 @@ def benchmark(
         write_text_output(md, text, kind=RESULT_KIND, inputs=inputs, overwrite=overwrite, what="--md")
     if png is not None:
         write_png_output(png, fig, inputs=inputs, overwrite=overwrite, what="--png")
+
+
+def _parse_shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    i, sep, n = value.partition("/")
+    if not (sep and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+        raise UsageError(f"--shard: expected I/N with 0 <= I < N (e.g. 0/4); got {value!r}")
+    return int(i), int(n)

@@ -10,8 +10,10 @@ The program is one step of a KV-cached decoder, used for prefill (T prompt token
 
 The MeKi table is never inside the program: the host reads the rows of each token from the
 bundle's table on storage (romscale.rom.ort_runtime) and passes them in. The model's own forward
-runs under the trace, with the rows handed to the MeKi hooks as an input, so every family, position
-and fusion the PyTorch bundle supports exports the same way.
+runs under the trace, so every family, position and fusion the PyTorch bundle supports exports.
+MeKi on the FFN (parallel_ffn) is traced in the fused deploy layout (romscale.rom.onnx_fused: one
+MatMul for the FFN's and the branch's gates, a few ops per layer more than the dense model); the
+other placements in their hook form, the rows handed to the hooks as an input.
 
 Why the TorchScript exporter (`dynamo=False`): it traces the HF model with its Python cache
 objects in seconds; the dynamo exporter gave the same program (checked on a tiny Llama) but spent
@@ -35,6 +37,7 @@ from torch import nn
 
 from romscale.errors import RomscaleError
 from romscale.meki.attach import meki_branches, meki_state
+from romscale.rom.onnx_fused import SlotRows, fused_mlps
 
 __all__ = ["NATIVE_KIND", "NATIVE_FILE", "PROGRAM_FILE", "WEIGHTS", "export_native", "export_native_from", "native_cache_for", "read_native"]
 
@@ -52,6 +55,7 @@ class _Step(nn.Module):
         super().__init__()
         self.model, self.layers, self.rows_shape = model, layers, rows_shape
         self.state = meki_state(model)
+        self.slot_rows = SlotRows(rows_shape[1]) if rows_shape is not None else None
 
     def forward(self, input_ids, attention_mask, position_ids, past_k, past_v, rows=None):
         from transformers.cache_utils import DynamicCache
@@ -62,7 +66,8 @@ class _Step(nn.Module):
         if self.state is not None:
             b, t = input_ids.shape
             r = rows.view(b, t, *self.rows_shape)
-            self.state.row_source = lambda _ids: r
+            self.state.row_source = lambda _ids: r  # for the hook-form branches
+            self.slot_rows.set(rows)  # for the fused MLPs (the trace drops whichever is unused)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
         kv = out.past_key_values
@@ -80,10 +85,11 @@ def _shape(model: nn.Module) -> dict[str, int]:
 
 def export_native(model: nn.Module, out: str | Path, *, weights: str = "fp32", bundle: str | Path | None = None,
                   tokenizer: Any = None, overwrite: bool = False,
-                  inputs: Iterable[str | Path] = ()) -> Path:
+                  inputs: Iterable[str | Path] = (), fused: bool = True) -> Path:
     """Write the ONNX program of `model` (a dense HF model, or a MeKi bundle's model with external
     tables) to the new romscale folder `out`. `bundle`: the bundle whose table feeds the rows
-    (recorded, with its table's hash, so the runtime opens the same table)."""
+    (recorded, with its table's hash, so the runtime opens the same table). `fused=False` traces
+    every MeKi branch in its hook form (the tests' reference for the fused layout)."""
     from romscale.utils.outputs import output_dir
 
     if weights not in WEIGHTS:
@@ -108,7 +114,7 @@ def export_native(model: nn.Module, out: str | Path, *, weights: str = "fp32", b
     with output_dir(out, kind=NATIVE_KIND, inputs=[*inputs, *([bundle] if bundle else [])], overwrite=overwrite,
                     meta={"weights": weights}) as o:
         t0 = time.perf_counter()
-        _trace(model, o.path / PROGRAM_FILE, shape, rows_shape)
+        meta["fused_layers"] = _trace(model, o.path / PROGRAM_FILE, shape, rows_shape, fused)
         if weights != "fp32":
             _convert(o.path / PROGRAM_FILE, weights)
         meta["export_seconds"] = round(time.perf_counter() - t0, 2)
@@ -120,19 +126,22 @@ def export_native(model: nn.Module, out: str | Path, *, weights: str = "fp32", b
 
 def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
     """aten::rms_norm (nn.RMSNorm, in MeKi's branch) in ONNX ops: the TorchScript exporter has no
-    symbolic for it below opset 23, and ONNX Runtime fuses this pattern (SimplifiedLayerNormalization)."""
+    symbolic for it below opset 23. ONNX Runtime fuses this pattern into one SimplifiedLayerNormalization
+    op only when the square is a Pow (checked on its optimised graph; with Mul(x, x) six ops stayed)."""
     from torch.onnx import symbolic_helper as sh
 
     dims = sh._get_const(normalized_shape, "is", "normalized_shape")
     e = sh._maybe_get_const(eps, "f")
     e = float(e) if isinstance(e, float) else 1.1920928955078125e-07  # eps=None: torch uses finfo(float32).eps
     axes = g.op("Constant", value_t=torch.tensor(list(range(-len(dims), 0)), dtype=torch.long))
-    ms = g.op("ReduceMean", g.op("Mul", x, x), axes, keepdims_i=1)
+    ms = g.op("ReduceMean", g.op("Pow", x, g.op("Constant", value_t=torch.tensor(2.0))), axes, keepdims_i=1)
     y = g.op("Div", x, g.op("Sqrt", g.op("Add", ms, g.op("Constant", value_t=torch.tensor(e)))))
     return y if sh._is_none(weight) else g.op("Mul", y, weight)
 
 
-def _trace(model: nn.Module, path: Path, shape: dict[str, int], rows_shape: tuple[int, int] | None) -> None:
+def _trace(model: nn.Module, path: Path, shape: dict[str, int], rows_shape: tuple[int, int] | None,
+           fused: bool) -> int:
+    """Export the step of `model` to `path`; returns the number of MeKi layers in the fused layout."""
     torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, OPSET)
     model = model.eval().float()
     step = _Step(model, shape["layers"], rows_shape)
@@ -149,15 +158,16 @@ def _trace(model: nn.Module, path: Path, shape: dict[str, int], rows_shape: tupl
         names.append("rows")
         axes["rows"] = {0: "batch", 1: "tokens"}
     state = meki_state(model)
-    saved = state.row_source if state is not None else None
+    saved = (state.row_source, state.rows, state.ids) if state is not None else None
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), fused_mlps(model, step.slot_rows, enabled=fused) as n_fused:
             warnings.simplefilter("ignore")  # the tracer's warnings about Python values it bakes in
             torch.onnx.export(step, tuple(args), str(path), dynamo=False, input_names=names,
                               output_names=["logits", "present_k", "present_v"], dynamic_axes=axes, opset_version=OPSET)
     finally:
-        if state is not None:
-            state.row_source = saved
+        if state is not None:  # no traced tensor stays behind in the caller's model
+            state.row_source, state.rows, state.ids = saved
+    return n_fused
 
 
 def _convert(path: Path, weights: str) -> None:

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
@@ -345,6 +346,19 @@ def output_dir(
         except BaseException:
             _remove(tmp)
             raise
+
+
+def wait_for_output(target: str | os.PathLike, kind: str, *, what: str = "output", timeout_s: float = 600.0,
+                    poll_s: float = 1.0) -> Path:
+    """Wait until `target` is a finished romscale output of `kind` (another process makes it: the
+    first of several shards); an error after `timeout_s`."""
+    final = Path(target)
+    deadline = time.monotonic() + timeout_s
+    while output_kind(final) != kind:
+        if time.monotonic() > deadline:
+            raise OutputError(f"{what}: still not a romscale {kind} after {timeout_s:.0f} s; start shard 0 first")
+        time.sleep(poll_s)
+    return final
 
 
 def work_dir(

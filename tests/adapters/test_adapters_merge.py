@@ -285,3 +285,16 @@ def test_results_do_not_depend_on_worker_threads(method, lib4):
         other = merge_adapters(bank, method, MergeOptions(density=0.4, seed=12)).adapter
         m = bank.modules[0]
         assert not torch.allclose(other.modules[m].B @ other.modules[m].A, one.modules[m].B @ one.modules[m].A)
+
+
+def test_merge_device_must_exist():
+    import torch
+
+    from romscale.adapters.merge import MergeOptions, merge_device
+
+    assert merge_device(MergeOptions()).type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(RomscaleError, match="no CUDA device"):
+            merge_device(MergeOptions(device="cuda"))
+    with pytest.raises(RomscaleError, match="torch device"):
+        merge_device(MergeOptions(device="warp-drive"))

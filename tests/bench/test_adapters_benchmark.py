@@ -136,3 +136,53 @@ def test_bad_configs_are_one_error_line(setup, cli, tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     assert_usage_error(cli("adapters", "benchmark", str(cfg), "--out", str(tmp_path / "mine")), "not a romscale output")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_shard_points_cover_the_plan_once_and_keep_d2c_hydraopt_with_its_search():
+    from romscale.bench.adapters import shard_points
+
+    pts = plan(AdapterBenchmarkConfig(bank="b", budgets=(2, 3), seeds={"d2c": 2, "random": 2}), 6)
+    shards = [shard_points(pts, i, 3) for i in range(3)]
+    ids = [p.id for s in shards for p in s]
+    assert sorted(ids) == sorted(p.id for p in pts) and len(ids) == len(set(ids))
+    for s in shards:
+        mine = {p.id for p in s}
+        for p in s:
+            if p.method == "d2c_hydraopt":
+                assert f"cluster-d2c-moved_k{p.k}_s{p.seed}" in mine
+
+
+def test_sharded_processes_share_one_work_folder(setup, tmp_path):
+    """Two shards at once (shard 1 waits for shard 0's folder and library, both wait for every
+    adapter), then an unsharded run finds every point done and writes the results."""
+    import os
+    import subprocess
+    import sys
+
+    root, cfg, _ = setup
+    work = tmp_path / "work"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "romscale", "adapters", "benchmark", str(cfg), "--out", str(work)]
+    procs = [subprocess.Popen(cmd + ["--shard", f"{i}/2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in (1, 0)]  # shard 1 first: it must wait for shard 0
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    trained = [line.split(":")[0] for log in logs for line in log.splitlines() if " steps in " in line]
+    assert sorted(trained) == sorted(["upper-en", "upper-de", "copy-en", "copy-de"])  # each task trained once
+    r = subprocess.run(cmd + ["--json", str(tmp_path / "r.json"), "--report-only"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "r.json").read_text())
+    cfg_plan = plan(AdapterBenchmarkConfig(bank="b", budgets=(2,), seeds={"d2c": 1, "random": 2},
+                                           single_merges=("task_arithmetic", "ties"), hydraopt_storage=(0.5,)), 4)
+    assert not res["missing"] and sorted(p["id"] for p in res["points"]) == sorted(p.id for p in cfg_plan)
+
+
+def test_shard_option_is_checked(setup, cli, tmp_path):
+    _, cfg, _ = setup
+    for bad in ("2/2", "1", "a/b", "-1/2"):
+        assert_usage_error(cli("adapters", "benchmark", str(cfg), "--out", str(tmp_path / "w"), "--shard", bad), "--shard")
+    assert_usage_error(cli("adapters", "benchmark", str(cfg), "--out", str(tmp_path / "w"), "--shard", "0/2",
+                           "--json", str(tmp_path / "r.json")), "--shard")
+    assert_usage_error(cli("adapters", "benchmark", str(cfg), "--out", str(tmp_path / "none"), "--report-only"), "--report-only")
+    assert not (tmp_path / "none").exists()

@@ -1,6 +1,7 @@
 """The native runtime: ONNX exports of dense models and MeKi bundles (every fusion, the other
 positions), run by ONNX Runtime with the rows read from the bundle's table; prefill, decode, batch 2
-with left padding; int8 / fp16 weights; bad exports and bad inputs."""
+with left padding; the fused MeKi layout (its size against the dense and the hook-form programs, the
+caller's model left as it was); int8 / fp16 weights; bad exports and bad inputs."""
 
 import json
 
@@ -69,13 +70,17 @@ def _bundle(tmp_path, name="b", seed=1, **kw):
 
 
 @pytest.mark.parametrize("kw", [{"fusion": f} for f in ("add_sigmoid", "mul_sigmoid", "add_silu", "mul_silu")]
-                         + [{"position": p} for p in ("parallel_attn", "after_attn", "after_ffn")])
+                         + [{"position": p} for p in ("parallel_attn", "after_attn", "after_ffn")]
+                         + [{"layers": (1,), "fusion": "mul_silu"}])  # layer 1 reads slot 0 of the rows
 def test_meki_export_reads_rows_and_matches_the_bundle(tmp_path, kw):
     path = _bundle(tmp_path, **kw)
     b = load_bundle(path)
     dec = OrtDecoder(export_native(b.model, tmp_path / "n", bundle=path))
     meta = json.loads((tmp_path / "n" / NATIVE_FILE).read_text())
-    assert meta["rows"] == {"layers": 2, "d_mem": 8, "width": 16}
+    layers = len(kw.get("layers", (0, 1)))
+    assert meta["rows"] == {"layers": layers, "d_mem": 8, "width": 8 * layers}
+    # MeKi on the FFN is exported in the fused layout; the other placements in their hook form.
+    assert meta["fused_layers"] == (layers if kw.get("position", "parallel_ffn") == "parallel_ffn" else 0)
     got = _check_same(dec, b.model)
     # The rows came from the table on storage: one row per token of each call (prefill + decode steps).
     assert got.row_bytes_read == (2 * 6 + 2 * 7) * dec.table.row_bytes
@@ -99,17 +104,91 @@ def test_the_table_is_an_input_not_part_of_the_program(tmp_path):
     b.close()
 
 
+def _weight_matmuls(program) -> dict[str, int]:
+    """Op type -> count of the program's MatMul-like nodes whose weight is an initialiser."""
+    import onnx
+
+    graph = onnx.load(str(program)).graph
+    weights = {t.name for t in graph.initializer}
+    ops = [n.op_type for n in graph.node if n.op_type.startswith("MatMul") and n.input[1] in weights]
+    return {op: ops.count(op) for op in set(ops)}
+
+
+@pytest.mark.parametrize("meki", [False, True])
 @pytest.mark.parametrize("weights", ["int8", "fp16"])
-def test_reduced_precision_weights_stay_close(tmp_path, weights):
-    model = tiny_base("llama").eval()
-    ref = OrtDecoder(export_native(model, tmp_path / "f32"))
-    low = OrtDecoder(export_native(model, tmp_path / weights, weights=weights))
+def test_reduced_precision_weights_stay_close(tmp_path, weights, meki):
+    bundle = _bundle(tmp_path) if meki else None
+    loaded = load_bundle(bundle) if meki else None
+    model = loaded.model if meki else tiny_base("llama").eval()
+    ref = OrtDecoder(export_native(model, tmp_path / "f32", bundle=bundle))
+    low = OrtDecoder(export_native(model, tmp_path / weights, weights=weights, bundle=bundle))
     ids, mask = _prompt()
     a, _ = ref._run(ids.numpy(), mask.numpy(), ref._empty_cache(2))
     c, _ = low._run(ids.numpy(), mask.numpy(), low._empty_cache(2))
     rel = np.linalg.norm(a - c) / np.linalg.norm(a)
     assert 0 < rel < 0.05
     assert (tmp_path / weights / PROGRAM_FILE).stat().st_size < (tmp_path / "f32" / PROGRAM_FILE).stat().st_size
+    assert low.generate(ids.numpy(), mask.numpy(), max_new_tokens=3).steps == 3
+    if weights == "int8":  # every weight matmul quantised, the fused [W_gate; W_up; W_gate_mem] one too
+        n = sum(_weight_matmuls(tmp_path / "f32" / PROGRAM_FILE).values())
+        assert _weight_matmuls(tmp_path / weights / PROGRAM_FILE) == {"MatMulNBits": n}
+    if loaded is not None:
+        loaded.close()
+
+
+def _node_counts(program, scratch) -> tuple[int, int]:
+    """Nodes of the exported program, and of the graph ONNX Runtime runs after its fusions (the
+    extended level has them all; the level above only adds layout transforms, and a warning)."""
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(scratch)
+    ort.InferenceSession(str(program), opts, providers=["CPUExecutionProvider"])
+    return len(onnx.load(str(program)).graph.node), len(onnx.load(str(scratch)).graph.node)
+
+
+def test_fused_meki_program_is_the_dense_one_plus_a_few_ops_per_layer(tmp_path):
+    path = _bundle(tmp_path)
+    b = load_bundle(path)
+    dense = _node_counts(export_native(tiny_base("llama"), tmp_path / "d") / PROGRAM_FILE, tmp_path / "d.onnx")
+    fused = _node_counts(export_native(b.model, tmp_path / "f", bundle=path) / PROGRAM_FILE, tmp_path / "f.onnx")
+    hooks = export_native(b.model, tmp_path / "h", bundle=path, fused=False)
+    unfolded = _node_counts(hooks / PROGRAM_FILE, tmp_path / "h.onnx")
+    assert json.loads((hooks / NATIVE_FILE).read_text())["fused_layers"] == 0
+    assert fused[0] < unfolded[0] and fused[1] < unfolded[1]
+    # Per layer: the Split of the fused gates' MatMul, the fusion's two ops, the post-norm and the
+    # Add of y (the branch's gate shares the FFN's MatMul); once: the Split of the rows input.
+    assert fused[1] <= dense[1] + 5 * 2 + 1
+    # The hook form stays a correct program (the other placements use it).
+    dec = OrtDecoder(hooks)
+    _check_same(dec, b.model)
+    dec.close()
+    b.close()
+
+
+def test_export_leaves_the_callers_model_as_it_was(tmp_path, monkeypatch):
+    path = _bundle(tmp_path, fusion="add_silu")
+    b = load_bundle(path)
+    ids, mask = _prompt()
+    modules = dict(b.model.named_modules())
+    with torch.no_grad():
+        before = b.model(ids, attention_mask=mask).logits
+    export_native(b.model, tmp_path / "n", bundle=path)
+    assert dict(b.model.named_modules()) == modules  # the same names and the same module objects
+    with torch.no_grad():
+        assert torch.equal(b.model(ids, attention_mask=mask).logits, before)  # rows still from the table, hooks on
+
+    def fail(*_a, **_k):
+        assert any(type(m).__name__ == "OnnxFusedMLP" for m in b.model.modules())  # swapped in during the trace
+        raise RuntimeError("exporter failed")
+
+    monkeypatch.setattr(torch.onnx, "export", fail)
+    with pytest.raises(RuntimeError, match="exporter failed"):
+        export_native(b.model, tmp_path / "m", bundle=path)
+    assert dict(b.model.named_modules()) == modules
+    b.close()
 
 
 def test_a_changed_table_or_export_is_refused(tmp_path):

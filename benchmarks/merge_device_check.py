@@ -1,0 +1,77 @@
+"""Merges on an accelerator against the CPU: the same adapters, every update-space method, the
+relative Frobenius difference of the merged updates and the wall time of each (one run).
+
+    python benchmarks/merge_device_check.py --device cuda --json merge_device.json
+
+The adapters are random rank-16 LoRAs in SmolLM2-135M's q/k/v/o shapes (30 layers, d 576, kv 192),
+so the figures say what one D2C merge costs at that size; no model or data is needed."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from romscale.adapters.bank import AdapterBank
+from romscale.adapters.merge import MergeOptions, merge_adapters
+from romscale.adapters.peft_io import adapter_from_factors
+from romscale.utils.machine import machine_line
+from romscale.utils.outputs import write_json_output
+
+SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576)}
+
+
+def random_bank(n: int, layers: int, rank: int, seed: int) -> AdapterBank:
+    g = torch.Generator().manual_seed(seed)
+    shared_a = {f"model.layers.{i}.self_attn.{m}": torch.randn(rank, d_in, generator=g) / d_in**0.5
+                for i in range(layers) for m, (_, d_in) in SHAPES.items()}  # one A init, as our trainer
+    adapters = []
+    for t in range(n):
+        factors = {name: (a + 0.1 * torch.randn(a.shape, generator=g), 0.02 * torch.randn(SHAPES[name.rsplit(".", 1)[1]][0], rank, generator=g))
+                   for name, a in shared_a.items()}
+        adapters.append(adapter_from_factors(f"task{t}", {"r": rank, "lora_alpha": rank, "target_modules": list(SHAPES)}, factors))
+    return AdapterBank(adapters)
+
+
+def rel_diff(a, b) -> float:
+    num = den = 0.0
+    for m in a.modules:
+        da, db = a.modules[m].B.double() @ a.modules[m].A.double(), b.modules[m].B.double() @ b.modules[m].A.double()
+        num += float((da - db).pow(2).sum())
+        den += float(db.pow(2).sum())
+    return (num / den) ** 0.5
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tasks", type=int, default=5, help="adapters merged at once (a D2C cluster of 40 tasks at K=8)")
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--json", type=Path, required=True)
+    args = ap.parse_args()
+    bank = random_bank(args.tasks, args.layers, 16, 0)
+    rows = {}
+    for method in ("ties", "task_arithmetic", "dare_ties", "knots"):
+        res = {}
+        for dev in ("cpu", args.device):
+            opts = MergeOptions(density=0.5, seed=0, device=None if dev == "cpu" else dev)
+            merge_adapters(bank, method, opts)  # warm-up (kernels, allocator)
+            t0 = time.perf_counter()
+            out = merge_adapters(bank, method, opts).adapter
+            if dev != "cpu":
+                torch.cuda.synchronize()
+            res[dev] = (out, time.perf_counter() - t0)
+        rows[method] = {"cpu_s": round(res["cpu"][1], 4), f"{args.device}_s": round(res[args.device][1], 4),
+                        "speedup": round(res["cpu"][1] / res[args.device][1], 2),
+                        "rel_diff": rel_diff(res[args.device][0], res["cpu"][0])}
+        print(method, rows[method], flush=True)
+    write_json_output(args.json, {"command": f"python benchmarks/merge_device_check.py --device {args.device} --tasks {args.tasks}",
+                                  "machine": machine_line(), "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                                  "tasks": args.tasks, "layers": args.layers, "methods": rows},
+                      kind="merge-device-check", overwrite=True)
+
+
+if __name__ == "__main__":
+    main()
