@@ -29,7 +29,7 @@ wait_shards() {  # until every shard has exited or BUDGET_S seconds passed
   local end=$((SECONDS + ${BUDGET_S:-500}))
   while [ $SECONDS -lt $end ] && pgrep -f "adapters benchmark /tmp/adapters-gpu.yaml" > /dev/null; do
     sleep 20
-    echo "$(date +%T) points: $(ls $WORK/points 2>/dev/null | grep -vc state) | adapters: $(ls -d $WORK/lib/*/ 2>/dev/null | wc -l)"
+    echo "$(date +%T) points: $(ls $WORK/points 2>/dev/null | grep -vc state || true) | adapters: $(ls -d $WORK/lib/*/ 2>/dev/null | wc -l)"
   done
 }
 
@@ -66,7 +66,7 @@ PY
       (cd /tmp/repo && OMP_NUM_THREADS=$((16 / SHARDS)) PYTHONPATH="/tmp/repo/.whl/site:/tmp/repo" setsid nohup \
         python3 -m romscale adapters benchmark /tmp/adapters-gpu.yaml --out "$WORK" --shard "$i/$SHARDS" \
         > "/tmp/shard-$i.log" 2>&1 < /dev/null &)
-      [ "$i" = 0 ] && sleep 15  # shard 0 makes the work folder; the others wait for it anyway
+      if [ "$i" = 0 ]; then sleep 15; fi  # shard 0 makes the work folder; the others wait for it anyway
     done
     wait_shards; report ;;
   wait)
