@@ -53,6 +53,12 @@ def _prompt(cfg: NativeBenchConfig, vocab: int) -> np.ndarray:
     return rng.integers(100, min(vocab, 20000), size=(1, cfg.prompt_tokens), dtype=np.int64)
 
 
+def _layout(folder: Path) -> str | None:
+    from romscale.rom.onnx_export import read_native
+
+    return read_native(folder).get("layout")
+
+
 def prepare(cfg: NativeBenchConfig, work: Path, log=print) -> dict[str, Path]:
     """Build (once; reused from `work`) the dense and MeKi native exports, the MeKi bundle and the
     llama.cpp GGUF."""
@@ -62,7 +68,7 @@ def prepare(cfg: NativeBenchConfig, work: Path, log=print) -> dict[str, Path]:
     from romscale.meki.config import MekiConfig
     from romscale.meki.fold import fold
     from romscale.models import PACKAGED_MODELS, load_causal_lm, packaged_model
-    from romscale.rom.onnx_export import NATIVE_KIND, export_native, export_native_from
+    from romscale.rom.onnx_export import LAYOUT, NATIVE_KIND, export_native, export_native_from
     from romscale.rom.runtime import export_bundle, load_bundle
     from romscale.utils.outputs import output_kind
 
@@ -70,7 +76,7 @@ def prepare(cfg: NativeBenchConfig, work: Path, log=print) -> dict[str, Path]:
     paths = {"dense": work / f"dense-{cfg.weights}", "bundle": work / f"meki-d{cfg.d_mem}-{cfg.table_dtype}",
              "meki": work / f"meki-d{cfg.d_mem}-{cfg.weights}"}
     src = packaged_model(cfg.model) if cfg.model in PACKAGED_MODELS else Path(cfg.model)
-    if output_kind(paths["dense"]) != NATIVE_KIND:
+    if output_kind(paths["dense"]) != NATIVE_KIND or _layout(paths["dense"]) != LAYOUT:
         log(f"exporting the dense model ({cfg.weights}) ...")
         export_native_from(src, paths["dense"], weights=cfg.weights, overwrite=paths["dense"].exists())
     if output_kind(paths["bundle"]) != "meki-bundle":
@@ -80,7 +86,7 @@ def prepare(cfg: NativeBenchConfig, work: Path, log=print) -> dict[str, Path]:
         attach_meki(model, MekiConfig(d_mem=cfg.d_mem, zero_init_output=False))
         export_bundle(fold(model), paths["bundle"], dtype=cfg.table_dtype, tokenizer=tok, overwrite=paths["bundle"].exists())
         del model
-    if output_kind(paths["meki"]) != NATIVE_KIND:
+    if output_kind(paths["meki"]) != NATIVE_KIND or _layout(paths["meki"]) != LAYOUT:  # an older exporter's: again
         log(f"exporting the MeKi model ({cfg.weights}) ...")
         b = load_bundle(paths["bundle"])
         try:

@@ -46,6 +46,7 @@ NATIVE_FILE = "native.json"
 PROGRAM_FILE = "model.onnx"
 WEIGHTS = ("fp32", "fp16", "int8")
 OPSET = 18
+LAYOUT = "fused1"  # the program's layout version (MeKi branches fused into the FFN matmuls)
 
 
 class _Step(nn.Module):
@@ -101,7 +102,7 @@ def export_native(model: nn.Module, out: str | Path, *, weights: str = "fp32", b
         raise RomscaleError("a MeKi model's native export needs the bundle its rows come from")
     shape = _shape(model)
     rows_shape = (len(meki_branches(model)), state.cfg.d_mem) if state is not None else None
-    meta: dict[str, Any] = {"format": NATIVE_KIND, "version": 1, "opset": OPSET, "weights": weights, **shape,
+    meta: dict[str, Any] = {"format": NATIVE_KIND, "version": 1, "layout": LAYOUT, "opset": OPSET, "weights": weights, **shape,
                             "rows": None if rows_shape is None else {"layers": rows_shape[0], "d_mem": rows_shape[1],
                                                                     "width": rows_shape[0] * rows_shape[1]}}
     if bundle is not None:
@@ -250,4 +251,5 @@ def native_cache_for(bundle: str | Path, weights: str) -> Path:
     from romscale.utils.outputs import MANIFEST
 
     digest = hashlib.sha256((Path(bundle) / MANIFEST).read_bytes()).hexdigest()[:20]
-    return cache_dir() / "native" / f"{digest}-{weights}"
+    # LAYOUT in the key: an export made by an older exporter (the hook-form MeKi graph) is not reused
+    return cache_dir() / "native" / f"{digest}-{weights}-{LAYOUT}"
