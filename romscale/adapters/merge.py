@@ -375,6 +375,26 @@ def resolve_weights(method: MergeMethod, n: int, weights: Sequence[float] | None
     return w
 
 
+def _ties_batched(bank: AdapterBank, wt: torch.Tensor, ctx: MergeContext, out_dtype: torch.dtype) -> dict[str, tuple]:
+    """TIES on an accelerator: the modules of one shape in one batch (romscale.adapters.batched)."""
+    from romscale.adapters.batched import ties_group
+
+    o = ctx.options
+    groups: dict[tuple, list[str]] = {}
+    for mod in bank.modules:
+        st = bank.stack(mod)
+        groups.setdefault((st.d_out, st.d_in, tuple(st.ranks)), []).append(mod)
+    factors: dict[str, tuple] = {}
+    for mods in groups.values():
+        stacks = [bank.stack(mod).to(ctx.device) for mod in mods]
+        rank = _out_rank(stacks[0], ctx)
+        for mod, (A, B) in zip(mods, ties_group(stacks, wt, density=o.density, sign_method=o.sign_method, rank=rank)):
+            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+                raise RomscaleError(f"merge ties produced NaN/Inf in module {mod}")
+            factors[mod] = (A.to("cpu", out_dtype).contiguous(), B.to("cpu", out_dtype).contiguous())
+    return {mod: factors[mod] for mod in bank.modules}
+
+
 def merge_adapters(
     bank: AdapterBank,
     method: str,
@@ -415,9 +435,12 @@ def merge_adapters(
             raise RomscaleError(f"merge {method} produced NaN/Inf in module {mod}")
         return A.to("cpu", out_dtype).contiguous(), B.to("cpu", out_dtype).contiguous()
 
-    # On an accelerator the modules run one after another: its own parallelism is inside each op.
-    results = map_modules(one, bank.modules, workers=1 if sequential or not on_cpu else workers, desc=f"merge {method}",
-                          progress=progress)
-    factors = dict(zip(bank.modules, results))
+    if not on_cpu and m.name == "ties":
+        factors = _ties_batched(bank, wt, ctx, out_dtype)
+    else:
+        # On an accelerator the modules run one after another: its own parallelism is inside each op.
+        results = map_modules(one, bank.modules, workers=1 if sequential or not on_cpu else workers, desc=f"merge {method}",
+                              progress=progress)
+        factors = dict(zip(bank.modules, results))
     adapter = adapter_from_factors(name or f"merge-{method}", bank.template_config(), factors)
     return MergeResult(method, m.family, adapter, options, w, time.perf_counter() - start, list(bank.modules))

@@ -298,3 +298,23 @@ def test_merge_device_must_exist():
             merge_device(MergeOptions(device="cuda"))
     with pytest.raises(RomscaleError, match="torch device"):
         merge_device(MergeOptions(device="warp-drive"))
+
+
+def test_batched_ties_equals_the_per_module_merge(lib4):
+    """The accelerator path (modules of one shape in one batch) against the per-module TIES, run on
+    the CPU here: the same merged updates up to float rounding."""
+    from romscale.adapters.batched import ties_group
+
+    bank = AdapterBank.load(lib4)
+    ref = merge_adapters(bank, "ties", MergeOptions(density=0.5)).adapter
+    groups: dict = {}
+    for mod in bank.modules:
+        st = bank.stack(mod)
+        groups.setdefault((st.d_out, st.d_in), []).append((mod, st))
+    assert max(len(g) for g in groups.values()) > 1  # a real batch
+    for group in groups.values():
+        merged = ties_group([st for _, st in group], torch.ones(bank.n), density=0.5, sign_method="total", rank=4)
+        for (mod, st), (A, B) in zip(group, merged):
+            want = ref.modules[mod].B.double() @ ref.modules[mod].A.double()
+            assert A.shape == (4, st.d_in) and B.shape == (st.d_out, 4)
+            torch.testing.assert_close(B.double() @ A.double(), want, rtol=1e-4, atol=1e-6)
