@@ -16,7 +16,7 @@ from romscale.meki.config import MekiConfig
 from romscale.meki.fold import fold
 from romscale.meki.io import save_meki
 from romscale.meki.presets import build_model
-from romscale.rom.onnx_export import NATIVE_FILE, PROGRAM_FILE, export_native, export_native_from
+from romscale.rom.onnx_export import NATIVE_FILE, PROGRAM_FILE, export_native
 from romscale.rom.ort_runtime import OrtDecoder
 from romscale.rom.runtime import export_bundle, load_bundle
 
