@@ -18,7 +18,9 @@ from romscale.adapters.bank import AdapterBank
 from romscale.adapters.merge import MergeOptions, merge_adapters
 from romscale.adapters.peft_io import adapter_from_factors
 from romscale.utils.machine import machine_line
-from romscale.utils.outputs import write_json_output
+from romscale.utils.outputs import check_target, write_json_output
+
+KIND = "merge-device-check"
 
 SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576)}
 
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
+    check_target(args.json, kind=KIND, overwrite=True, is_file=True, what="--json")  # before the work, not after
     bank = random_bank(args.tasks, args.layers, 16, 0)
     rows = {}
     for method in ("ties", "task_arithmetic", "dare_ties", "knots"):
@@ -70,7 +73,7 @@ def main() -> None:
     write_json_output(args.json, {"command": f"python benchmarks/merge_device_check.py --device {args.device} --tasks {args.tasks}",
                                   "machine": machine_line(), "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                                   "tasks": args.tasks, "layers": args.layers, "methods": rows},
-                      kind="merge-device-check", overwrite=True)
+                      kind=KIND, overwrite=True)
 
 
 if __name__ == "__main__":

@@ -380,13 +380,13 @@ def _ties_batched(bank: AdapterBank, wt: torch.Tensor, ctx: MergeContext, out_dt
     from romscale.adapters.batched import ties_group
 
     o = ctx.options
-    groups: dict[tuple, list[str]] = {}
+    groups: dict[tuple, list[tuple[str, ModuleStack]]] = {}
     for mod in bank.modules:
-        st = bank.stack(mod)
-        groups.setdefault((st.d_out, st.d_in, tuple(st.ranks)), []).append(mod)
+        st = bank.stack(mod).to(ctx.device)
+        groups.setdefault((st.d_out, st.d_in, tuple(st.ranks)), []).append((mod, st))
     factors: dict[str, tuple] = {}
-    for mods in groups.values():
-        stacks = [bank.stack(mod).to(ctx.device) for mod in mods]
+    for group in groups.values():
+        mods, stacks = zip(*group)
         rank = _out_rank(stacks[0], ctx)
         for mod, (A, B) in zip(mods, ties_group(stacks, wt, density=o.density, sign_method=o.sign_method, rank=rank)):
             if not (torch.isfinite(A).all() and torch.isfinite(B).all()):

@@ -182,7 +182,7 @@ class AdapterBenchmark:
             from romscale.adapters.library import finished_adapter
 
             lib = self.out / "lib"
-            runs = {t: finished_adapter(lib, t) if (lib / t).exists() else None for t in self.names}
+            runs = {t: finished_adapter(lib, t) for t in self.names}
             if None in runs.values():
                 raise RomscaleError(f"--report-only: {lib} has no adapters yet for {[t for t, r in runs.items() if r is None][:5]}")
             self.train_record = {"library": str(lib), "trained": [], "skipped": list(self.names), "runs": runs}

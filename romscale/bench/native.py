@@ -54,9 +54,13 @@ def _prompt(cfg: NativeBenchConfig, vocab: int) -> np.ndarray:
 
 
 def _layout(folder: Path) -> str | None:
-    from romscale.rom.onnx_export import read_native
+    """The export's layout version, from its native.json alone: the decoder that opens the export
+    later checks every file's hash; hashing the ~0.5 GB program here too would read it twice."""
+    from romscale.rom.onnx_export import NATIVE_FILE
+    from romscale.utils.outputs import read_json
 
-    return read_native(folder).get("layout")
+    meta = read_json(folder / NATIVE_FILE, RomscaleError)
+    return meta.get("layout") if isinstance(meta, dict) else None
 
 
 def prepare(cfg: NativeBenchConfig, work: Path, log=print) -> dict[str, Path]:
