@@ -46,6 +46,34 @@ def rel_diff(a, b) -> float:
     return (num / den) ** 0.5
 
 
+def incremental(n: int, layers: int, device: str) -> dict:
+    """D2C's merge of a cluster one task larger than a kept one (romscale.adapters.ties_sums),
+    against the plain merge of the same n + 1 adapters, on `device`."""
+    from romscale.adapters.ties_sums import IncrementalTies
+
+    bank = random_bank(n + 1, layers, 16, 0)
+    opts = MergeOptions(density=0.5, seed=0, device=None if device == "cpu" else device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    inc = IncrementalTies(bank, opts)
+    t0 = time.perf_counter()
+    for i in range(n + 1):
+        inc.trimmed(i)
+    sync()
+    trim_s = time.perf_counter() - t0
+    inc.merge(bank.names[:n])  # the kept cluster (from scratch)
+    t0 = time.perf_counter()
+    fast = inc.merge(bank.names)  # its sums plus one task
+    sync()
+    extended_s = time.perf_counter() - t0
+    merge_adapters(bank, "ties", opts)  # warm-up
+    t0 = time.perf_counter()
+    ref = merge_adapters(bank, "ties", opts).adapter
+    sync()
+    plain_s = time.perf_counter() - t0
+    return {"adapters": n + 1, "trim_every_task_once_s": round(trim_s, 4), "extended_merge_s": round(extended_s, 4),
+            "plain_merge_s": round(plain_s, 4), "speedup": round(plain_s / extended_s, 2), "rel_diff": rel_diff(fast, ref)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -70,6 +98,8 @@ def main() -> None:
                         "speedup": round(res["cpu"][1] / res[args.device][1], 2),
                         "rel_diff": rel_diff(res[args.device][0], res["cpu"][0])}
         print(method, rows[method], flush=True)
+    rows["ties_incremental"] = incremental(args.tasks, args.layers, args.device)
+    print("ties_incremental", rows["ties_incremental"], flush=True)
     write_json_output(args.json, {"command": f"python benchmarks/merge_device_check.py --device {args.device} --tasks {args.tasks}",
                                   "machine": machine_line(), "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                                   "tasks": args.tasks, "layers": args.layers, "methods": rows},

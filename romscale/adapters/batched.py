@@ -37,6 +37,13 @@ def ties_group(stacks: Sequence[ModuleStack], weights: torch.Tensor, *, density:
     count = (y > 0).sum(1, dtype=torch.float32).clamp_min(1.0)
     merged = sgn * torch.einsum("n,mnij->mij", weights.to(D.device, torch.float32), y) / count
     del D, y
+    return truncate_group(merged, rank)
+
+
+def truncate_group(merged: torch.Tensor, rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Best rank-`rank` factors of M dense (d_out, d_in) updates stacked as (M, d_out, d_in): one
+    batched Gram and one batched float64 eigh; [(A, B)] float32, padded with zeros to `rank`."""
+    M, d_out, d_in = merged.shape
     r = min(rank, d_out, d_in)
     Md = merged.double()
     if d_out <= d_in:

@@ -313,16 +313,26 @@ def _no_options(name: str, options: dict[str, Any]) -> None:
 
 
 # ---- merging a cluster --------------------------------------------------------------------------
-def cluster_merger(bank: AdapterBank, method: str = "ties", options: Any = None, *, singleton: str = "identity") -> MergeFn:
+def cluster_merger(bank: AdapterBank, method: str = "ties", options: Any = None, *, singleton: str = "identity",
+                   incremental: bool = True) -> MergeFn:
     """merge(members) -> the merged LoRA of those tasks with a romscale.adapters.merge method.
     A one-task cluster keeps its own adapter (`singleton="identity"`, default: a merge of one is
-    the adapter itself; TIES would trim it) or goes through the method (`"merge"`)."""
-    from romscale.adapters.merge import MergeOptions, get_merge_method, merge_adapters
+    the adapter itself; TIES would trim it) or goes through the method (`"merge"`).
+    TIES with its default weights goes through romscale.adapters.ties_sums (each task trimmed once,
+    sums of member sets kept: a set one task away from a recent one is one add away) unless
+    `incremental` is False (the plain merge, from the factors every time) or those would take more
+    than half the free memory (a large model's library)."""
+    from romscale.adapters.merge import MergeOptions, get_merge_method, merge_adapters, merge_device
+    from romscale.adapters.ties_sums import IncrementalTies, available_bytes, bytes_needed
 
     get_merge_method(method)
     options = options or MergeOptions()
     if singleton not in ("identity", "merge"):
         raise RomscaleError(f"singleton must be 'identity' or 'merge', got {singleton!r}")
+    fast = None
+    if incremental and method == "ties" and options.weights is None:
+        if bytes_needed(bank, cache_size=8) <= available_bytes(merge_device(options)) // 2:
+            fast = IncrementalTies(bank, options, cache_size=8)
 
     def merge(members: tuple[str, ...]) -> LoraAdapter:
         if not members:
@@ -330,6 +340,8 @@ def cluster_merger(bank: AdapterBank, method: str = "ties", options: Any = None,
         idx = sorted(bank.index(t) for t in members)
         if len(idx) == 1 and singleton == "identity":
             return bank.adapters[idx[0]]
+        if fast is not None:
+            return fast.merge([bank.names[i] for i in idx])
         sub = AdapterBank([bank.adapters[i] for i in idx], allow_base_mismatch=True, module_order=bank.modules)  # checked as a whole already
         return merge_adapters(sub, method, options, name="+".join(bank.names[i] for i in idx)).adapter
 
