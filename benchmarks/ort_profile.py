@@ -31,8 +31,13 @@ def profile(folder: Path, tokens: int, threads: int) -> tuple[collections.Counte
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
         dec.session = ort.InferenceSession(str(folder / PROGRAM_FILE), opts, providers=["CPUExecutionProvider"])
+        if dec.decode_session is not None:  # the static decode program serves the batch-1 decode steps
+            dec.decode_session = ort.InferenceSession(str(folder / dec.meta["decode_program"]), opts,
+                                                      providers=["CPUExecutionProvider"])
         dec.generate(np.array([[1, 504, 3456, 77, 901, 12, 5, 9]], np.int64), max_new_tokens=tokens)
         events = json.loads(Path(dec.session.end_profiling()).read_text())
+        if dec.decode_session is not None:
+            events += json.loads(Path(dec.decode_session.end_profiling()).read_text())
     finally:
         dec.close()
     us, n = collections.Counter(), collections.Counter()

@@ -249,11 +249,13 @@ class AdapterBenchmark:
         """merge(members) with the run's merge options (TIES by default; a one-task cluster keeps its
         own adapter), cached by member set: D2C, the clusterers and the scoring share merges."""
         from romscale.adapters.clusterers import cluster_merger
-        from romscale.adapters.merge import MergeOptions
-
+        from romscale.adapters.merge import MergeOptions, get_merge_method
         from romscale.adapters.train import _device
 
-        key = (method or self.cfg.merge, seed)
+        method = method or self.cfg.merge
+        # The seed enters only random merges (DARE): the seeds of a deterministic one share one merger
+        # and its caches (the incremental TIES sums hold gigabytes on a real model's library).
+        key = (method, seed if get_merge_method(method).random else 0)
         if key not in self._mergers:
             dev = _device(self.train_cfg)  # merge where the model runs: on a GPU host the CPU merge was D2C's bottleneck
             options = MergeOptions(density=self.cfg.density, seed=seed, device=None if dev.type == "cpu" else str(dev))

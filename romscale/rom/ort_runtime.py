@@ -53,6 +53,11 @@ class OrtDecoder:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(self.folder / PROGRAM_FILE), opts, providers=["CPUExecutionProvider"])
+        # batch-1 decode steps run the static decode program (romscale.rom.onnx_export: its shape
+        # arithmetic folded away); prefill and batched steps the general one
+        decode = self.meta.get("decode_program")
+        self.decode_session = (ort.InferenceSession(str(self.folder / decode), opts, providers=["CPUExecutionProvider"])
+                               if decode else None)
         self.table = None
         if self.meta["rows"] is not None:
             self.table = self._open_table(verify_rows, bundle)
@@ -101,7 +106,8 @@ class OrtDecoder:
     def _run(self, ids: np.ndarray, mask: np.ndarray, past) -> tuple[np.ndarray, Any]:
         t = ids.shape[1]
         pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -t:]
-        io = self.session.io_binding()
+        session = self.decode_session if self.decode_session is not None and ids.shape == (1, 1) else self.session
+        io = session.io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, np.int64))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, np.int64))
         io.bind_cpu_input("position_ids", np.ascontiguousarray(pos, np.int64))
@@ -111,7 +117,7 @@ class OrtDecoder:
             io.bind_cpu_input("rows", self._rows(ids))
         for name in ("logits", "present_k", "present_v"):
             io.bind_output(name, "cpu")
-        self.session.run_with_iobinding(io)
+        session.run_with_iobinding(io)
         logits, k, v = io.get_outputs()
         return logits.numpy(), (k, v)
 

@@ -16,7 +16,7 @@ from romscale.meki.config import MekiConfig
 from romscale.meki.fold import fold
 from romscale.meki.io import save_meki
 from romscale.meki.presets import build_model
-from romscale.rom.onnx_export import NATIVE_FILE, PROGRAM_FILE, export_native
+from romscale.rom.onnx_export import DECODE_FILE, NATIVE_FILE, PROGRAM_FILE, WEIGHTS_FILE, export_native, read_native
 from romscale.rom.ort_runtime import OrtDecoder
 from romscale.rom.runtime import export_bundle, load_bundle
 
@@ -114,6 +114,51 @@ def _weight_matmuls(program) -> dict[str, int]:
     return {op: ops.count(op) for op in set(ops)}
 
 
+def test_batch_one_decode_runs_the_static_program_on_shared_weights(tmp_path):
+    import onnx
+
+    model = tiny_base("llama").eval()
+    folder = export_native(model, tmp_path / "n")
+    meta = json.loads((folder / NATIVE_FILE).read_text())
+    assert meta["decode_program"] == DECODE_FILE and meta["shared_weights"]["inline_in_decode"] == 0
+    assert meta["shared_weights"]["shared_by_decode"] >= 4 * model.config.num_hidden_layers
+    decode = onnx.load(str(folder / DECODE_FILE), load_external_data=False).graph
+    # both programs keep their weights in one file: nothing of 1 KiB or more stays in either graph
+    for prog in (decode, onnx.load(str(folder / PROGRAM_FILE), load_external_data=False).graph):
+        assert all(len(t.raw_data) < 1024 for t in prog.initializer)
+    dims = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in decode.input}
+    assert dims["input_ids"] == [1, 1] and dims["past_k"][3] == "past"
+    dec = OrtDecoder(folder)
+    used = []
+    real = dec.decode_session.io_binding
+    dec.decode_session = type("Spy", (), {"io_binding": lambda self: used.append(1) or real(),
+                                          "run_with_iobinding": lambda self, io: real.__self__.run_with_iobinding(io)})()
+    ids, _ = _prompt()
+    ref, _ = _reference(model, ids[:1], torch.ones_like(ids[:1]), 6)
+    np.testing.assert_array_equal(dec.generate(ids[:1].numpy(), max_new_tokens=6).tokens, ref)
+    assert len(used) == 5  # every step after the prefill
+    dec.generate(ids.numpy(), max_new_tokens=3)  # batch 2: the general program only
+    assert len(used) == 5
+
+
+def test_a_program_pointing_outside_its_weights_is_refused(tmp_path):
+    import onnx
+
+    folder = export_native(tiny_base("llama").eval(), tmp_path / "n")
+    proto = onnx.load(str(folder / DECODE_FILE), load_external_data=False)
+    t = next(t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    for e in t.external_data:
+        if e.key == "location":
+            e.value = "../../etc/passwd"
+    onnx.save_model(proto, str(folder / DECODE_FILE))
+    with pytest.raises(RomscaleError, match="points outside"):
+        from romscale.rom.onnx_export import _check_external_data
+
+        _check_external_data(folder, [PROGRAM_FILE, DECODE_FILE])
+    with pytest.raises(RomscaleError):
+        read_native(folder)  # the manifest's hash of the program no longer matches either
+
+
 @pytest.mark.parametrize("meki", [False, True])
 @pytest.mark.parametrize("weights", ["int8", "fp16"])
 def test_reduced_precision_weights_stay_close(tmp_path, weights, meki):
@@ -127,7 +172,7 @@ def test_reduced_precision_weights_stay_close(tmp_path, weights, meki):
     c, _ = low._run(ids.numpy(), mask.numpy(), low._empty_cache(2))
     rel = np.linalg.norm(a - c) / np.linalg.norm(a)
     assert 0 < rel < 0.05
-    assert (tmp_path / weights / PROGRAM_FILE).stat().st_size < (tmp_path / "f32" / PROGRAM_FILE).stat().st_size
+    assert (tmp_path / weights / WEIGHTS_FILE).stat().st_size < (tmp_path / "f32" / WEIGHTS_FILE).stat().st_size
     assert low.generate(ids.numpy(), mask.numpy(), max_new_tokens=3).steps == 3
     if weights == "int8":  # every weight matmul quantised, the fused [W_gate; W_up; W_gate_mem] one too
         n = sum(_weight_matmuls(tmp_path / "f32" / PROGRAM_FILE).values())
@@ -146,7 +191,8 @@ def _node_counts(program, scratch) -> tuple[int, int]:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     opts.optimized_model_filepath = str(scratch)
     ort.InferenceSession(str(program), opts, providers=["CPUExecutionProvider"])
-    return len(onnx.load(str(program)).graph.node), len(onnx.load(str(scratch)).graph.node)
+    return (len(onnx.load(str(program), load_external_data=False).graph.node),
+            len(onnx.load(str(scratch), load_external_data=False).graph.node))
 
 
 def test_fused_meki_program_is_the_dense_one_plus_a_few_ops_per_layer(tmp_path):
