@@ -291,8 +291,12 @@ def _check_external_data(folder: Path, programs: list[str]) -> None:
             if t.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             info = {e.key: e.value for e in t.external_data}
-            end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
-            if info.get("location") != WEIGHTS_FILE or size is None or end > size:
+            try:
+                off, n = int(info.get("offset", 0) or 0), int(info.get("length", 0) or 0)
+            except ValueError:
+                off, n = -1, 0
+            end = off + n
+            if info.get("location") != WEIGHTS_FILE or size is None or off < 0 or n < 0 or end > size:
                 raise RomscaleError(f"{folder / name}: tensor {t.name!r} points outside {WEIGHTS_FILE} "
                                     f"({info.get('location')!r}, bytes up to {end})")
 
