@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The adapter benchmark on the lent GPU (issue: GPU run, 40 tasks). Run from the repo root on the
 # device machine, in consecutive calls on one warm machine (the shared notes' gpu.md):
+#   benchmarks/gpu_adapters.sh copy    # carry .devcache/smol.gguf.part-aa: copies it to /tmp (no merge check)
 #   benchmarks/gpu_adapters.sh part1   # carry .devcache/smol.gguf.part-aa: copies it to /tmp; checks
 #                                      # merges on the GPU against the CPU (benchmarks/merge_device_check.py)
 #   benchmarks/gpu_adapters.sh run     # carry .devcache/smol.gguf.part-ab .devcache/bank .whl: joins and
@@ -34,6 +35,8 @@ wait_shards() {  # until every shard has exited or BUDGET_S seconds passed
 }
 
 case "${1:-run}" in
+  copy)
+    cp .devcache/smol.gguf.part-aa /tmp/smol.gguf.part-aa && ls -la /tmp/smol.gguf.part-aa ;;
   part1)
     cp .devcache/smol.gguf.part-aa /tmp/smol.gguf.part-aa && ls -la /tmp/smol.gguf.part-aa
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUTDIR/gpu.txt"
@@ -57,14 +60,15 @@ if output_kind(folder) != PACKAGED_KIND:
 print("base model:", folder, "| GPU:", torch.cuda.get_device_name(0))
 PY
     rm -rf /tmp/bank && cp -r .devcache/bank /tmp/bank
-    # TASKS / BUDGETS override the config's task list and budgets (a shorter run)
+    # TASKS / BUDGETS override the config's task list and budgets (a shorter run); REUSE names an earlier
+    # session's results JSON (in the repo) whose points are taken when the retrained library reproduces it
     sed -e "s#^bank: BANK#bank: /tmp/bank#" ${TASKS:+-e "s#^tasks: .*#tasks: $TASKS#"} \
         ${BUDGETS:+-e "s#^budgets: .*#budgets: $BUDGETS#"} configs/adapters-gpu.yaml > /tmp/adapters-gpu.yaml
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUTDIR/gpu.txt"
     cp -r "$PWD" /tmp/repo  # the shards outlive this call, and the working tree with it
     for i in $(seq 0 $((SHARDS - 1))); do
       (cd /tmp/repo && OMP_NUM_THREADS=$((16 / SHARDS)) PYTHONPATH="/tmp/repo/.whl/site:/tmp/repo" setsid nohup \
-        python3 -m romscale adapters benchmark /tmp/adapters-gpu.yaml --out "$WORK" --shard "$i/$SHARDS" \
+        python3 -m romscale adapters benchmark /tmp/adapters-gpu.yaml --out "$WORK" --shard "$i/$SHARDS" ${REUSE:+--reuse "$REUSE"} \
         > "/tmp/shard-$i.log" 2>&1 < /dev/null &)
       if [ "$i" = 0 ]; then sleep 15; fi  # shard 0 makes the work folder; the others wait for it anyway
     done

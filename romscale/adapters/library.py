@@ -154,5 +154,21 @@ def load_library(lib: str | os.PathLike, tasks: Sequence[str] | None = None):
     return AdapterBank.load([lib / t for t in names], names=names)
 
 
+def library_fingerprint(lib: str | os.PathLike, tasks: Sequence[str]) -> str:
+    """sha256 over each task's name and the sha256 of its weight files, as its manifest records them
+    (checked when the adapter is read): equal fingerprints mean bit-identical adapters. Config files are
+    left out: they name the base model's path, which differs between machines."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for task in tasks:
+        m = read_manifest(Path(lib) / task, ADAPTER_KIND, AdapterError)
+        h.update(task.encode() + b"\0")
+        for name, entry in sorted(m["files"].items()):
+            if name.endswith(".safetensors"):
+                h.update(f"{name}:{entry['sha256']}\n".encode())
+    return h.hexdigest()
+
+
 __all__ = ["LIBRARY_KIND", "RUNS_KIND", "check_library", "check_library_target", "create_library", "finished_adapter",
-           "library_tasks", "load_library", "write_runs"]
+           "library_fingerprint", "library_tasks", "load_library", "write_runs"]

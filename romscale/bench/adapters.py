@@ -139,12 +139,15 @@ class AdapterBenchmark:
     """Runs (or resumes) a benchmark in a work folder; `run()` returns the results dict."""
 
     def __init__(self, cfg: AdapterBenchmarkConfig, out: Path, *, overwrite: bool = False, progress: bool = False,
-                 log: Callable[[str], None] = print, shard: tuple[int, int] | None = None) -> None:
+                 log: Callable[[str], None] = print, shard: tuple[int, int] | None = None,
+                 reuse: Path | None = None) -> None:
         """`shard=(i, n)`: one of n processes sharing the work (one GPU, say): it trains every n-th
         task and computes every n-th point from the i-th. Shard 0 creates the work folder and the
         library, the others wait for them; every shard waits for all adapters before scoring. An
-        unsharded run afterwards finds every point done and writes the results."""
-        self.cfg, self.progress, self.log, self.shard = cfg, progress, log, shard
+        unsharded run afterwards finds every point done and writes the results.
+        `reuse`: an earlier run's results JSON whose points are taken instead of recomputed, when this
+        run scores the same library the same way (see `_reusable`)."""
+        self.cfg, self.progress, self.log, self.shard, self.reuse = cfg, progress, log, shard, reuse
         self.bank_dir = Path(cfg.bank)
         if shard is not None and not (0 <= shard[0] < shard[1]):
             raise RomscaleError(f"--shard: expected I/N with 0 <= I < N; got {shard[0]}/{shard[1]}")
@@ -159,7 +162,7 @@ class AdapterBenchmark:
 
     # -- stages ----------------------------------------------------------------------------------
     def _setup(self, report_only: bool = False) -> None:
-        from romscale.adapters.library import load_library
+        from romscale.adapters.library import library_fingerprint, load_library
         from romscale.adapters.train import LoraTrainConfig, train_task_adapters
         from romscale.data.taskbank import TaskBank
 
@@ -194,7 +197,47 @@ class AdapterBenchmark:
         self.train_seconds = round(time.perf_counter() - t0, 1)
         self.library = load_library(self.out / "lib", tasks=self.names)
         self.lib_storage = self.library.storage()
+        self.lib_sha256 = library_fingerprint(self.out / "lib", self.names)
+        self._reused = {} if self.reuse is None else self._reusable(self.reuse)
         self._model = None
+
+    # what a point's scores depend on besides the library and the point itself
+    _SCORING_FIELDS = ("split", "limit", "batch_size", "eval_bf16", "merge", "density", "d2c", "train")
+
+    def _reusable(self, file: Path) -> dict[str, dict[str, Any]]:
+        """The points of an earlier results file that this run may take as its own: same tasks, same
+        scoring options, and the same library: equal fingerprints (bit-identical adapters) or, for a
+        file written before fingerprints were recorded, every task's training record reproduced (its
+        config and every step's loss to the recorded 5 decimals; one flipped bit early in training
+        shows in the later losses). Anything else is logged and nothing is reused."""
+        doc = read_json(file, RomscaleError)
+        if not isinstance(doc, dict) or doc.get("romscale_output") != RESULT_KIND:
+            raise RomscaleError(f"--reuse {file}: expected a results JSON of romscale adapters benchmark")
+
+        def refuse(why: str) -> dict[str, dict[str, Any]]:
+            self.log(f"--reuse {file}: nothing reused: {why}")
+            return {}
+
+        if [t.get("name") for t in doc.get("tasks", [])] != list(self.names):
+            return refuse("its tasks differ from this run's")
+        mine, theirs = to_plain(self.cfg), doc.get("config", {})
+        changed = [k for k in self._SCORING_FIELDS if mine.get(k) != theirs.get(k)]
+        if changed:
+            return refuse(f"its config differs in {changed}")
+        sha = doc.get("library", {}).get("sha256")
+        if sha is not None and sha != self.lib_sha256:
+            return refuse("its library's fingerprint differs (the adapters are not bit-identical)")
+        if sha is None:
+            runs, now = doc.get("training", {}).get("record", {}).get("runs", {}), self.train_record["runs"]
+            for t in self.names:
+                a, b = runs.get(t) or {}, now.get(t) or {}
+                if a.get("config") != b.get("config") or [round(x, 5) for x in a.get("losses", [])] != \
+                        [round(x, 5) for x in b.get("losses", [])] or not b.get("losses"):
+                    return refuse(f"task {t}'s retrained adapter does not reproduce its training record")
+        pts = {p["id"]: p for p in doc.get("points", []) if isinstance(p, dict) and set(p.get("scores", {})) == set(self.names)}
+        self.log(f"--reuse {file}: {len(pts)} point(s) reusable (library matched by "
+                 f"{'fingerprint' if sha else 'training record'})")
+        return pts
 
     def _wait_for_adapters(self, timeout_s: float = 3600.0) -> None:
         """Until every task's adapter is finished (the other shards train theirs)."""
@@ -397,6 +440,13 @@ class AdapterBenchmark:
                 if rec.get("romscale_output") == POINT_KIND and set(rec.get("scores", {})) == set(self.names):
                     done.append(rec)
                     continue
+            if p.id in self._reused:
+                rec = {k: v for k, v in self._reused[p.id].items() if k != "romscale_output"}
+                rec["reused_from"] = str(self.reuse)
+                write_json_output(file, rec, kind=POINT_KIND, overwrite=True)
+                self.log(f"[{i + 1}/{len(points)}] {p.id}: mean score {rec['mean_score']:.2f}, reused from {self.reuse}")
+                done.append(rec)
+                continue
             if report_only or (max_seconds is not None and time.perf_counter() - start > max_seconds):
                 missing.append(p.id)
                 continue
@@ -419,7 +469,7 @@ class AdapterBenchmark:
             "machine": machine_line(),
             "tasks": [{"name": t.name, "family": t.family, "language": t.language, "metric": t.metric} for t in self.tasks],
             "library": {"adapters": len(self.names), "bytes": self.lib_storage.bytes, "params": self.lib_storage.params,
-                        "dtype": self.lib_storage.total.dtype},
+                        "dtype": self.lib_storage.total.dtype, "sha256": self.lib_sha256},
             "training": {"seconds": self.train_seconds, "record": self.train_record},
             "points": points,
             "summary": summary,

@@ -26,6 +26,10 @@ def benchmark(
                                         "from the I-th; start shard 0 first; a run without --shard afterwards writes the results"),
     report_only: bool = typer.Option(False, "--report-only", help="train and compute nothing: report the points already "
                                      "done (while shards are running, say)"),
+    reuse: Optional[Path] = typer.Option(None, "--reuse", metavar="RESULTS.json",
+                                         help="take the finished points of an earlier run's results JSON instead of recomputing "
+                                         "them, when this run's library is that run's (same fingerprint or training record) "
+                                         "and its scoring options are the same; otherwise nothing is reused"),
     overwrite: bool = overwrite_option(),
 ) -> None:
     """Train one LoRA per task, then score every method at every budget: JSON, table and plot."""
@@ -46,6 +50,15 @@ def benchmark(
     if not bank.is_dir():
         raise UsageError(f"{config}: bank {bank} is not a folder; build one with romscale data taskbank --out {bank}")
     inputs = [bank, config]
+    if reuse is not None:
+        if not reuse.is_file():
+            raise UsageError(f"--reuse {reuse}: no such file; expected a results JSON of romscale adapters benchmark")
+        from romscale.utils.outputs import read_json
+
+        doc = read_json(reuse, UsageError)  # checked before any training
+        if not isinstance(doc, dict) or doc.get("romscale_output") != RESULT_KIND:
+            raise UsageError(f"--reuse {reuse}: expected a results JSON of romscale adapters benchmark")
+        inputs.append(reuse)
     if report_only:
         from romscale.bench.adapters import WORK_KIND
         from romscale.utils.outputs import output_kind
@@ -61,7 +74,8 @@ def benchmark(
     from romscale.utils.outputs import write_json_output, write_png_output, write_text_output
 
     console = Console(stderr=True)
-    run = AdapterBenchmark(cfg, out, overwrite=overwrite, progress=sys.stderr.isatty(), log=console.print, shard=shard_of)
+    run = AdapterBenchmark(cfg, out, overwrite=overwrite, progress=sys.stderr.isatty(), log=console.print, shard=shard_of,
+                            reuse=reuse)
     results = run.run(max_seconds=None if max_minutes is None else 60.0 * max_minutes, report_only=report_only)
     if shard_of is not None:
         console.print(f"shard {shard}: {len(results['points'])} point(s) done, {len(results['missing'])} left; "

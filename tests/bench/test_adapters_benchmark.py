@@ -186,3 +186,71 @@ def test_shard_option_is_checked(setup, cli, tmp_path):
                            "--json", str(tmp_path / "r.json")), "--shard")
     assert_usage_error(cli("adapters", "benchmark", str(cfg), "--out", str(tmp_path / "none"), "--report-only"), "--report-only")
     assert not (tmp_path / "none").exists()
+
+
+def test_reuse_takes_the_points_of_a_run_on_the_same_library(setup, run, cli, tmp_path):
+    """A fresh work folder retrains the same adapters (same seed, CPU): the fingerprints agree and
+    every point is taken from the results file instead of being recomputed."""
+    root, cfg, _ = setup
+    r = cli("adapters", "benchmark", str(cfg), "--out", str(tmp_path / "w"), "--reuse", str(root / "r.json"),
+            "--json", str(tmp_path / "r.json"))
+    assert r.exit_code == 0, r
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["library"]["sha256"] == run["library"]["sha256"] and not res["missing"]
+    assert {p["id"]: p["scores"] for p in res["points"]} == {p["id"]: p["scores"] for p in run["points"]}
+    assert all(p["reused_from"] == str(root / "r.json") for p in res["points"])
+
+
+def _reuse_report(cli, root, cfg, tmp_path, doc):
+    """--report-only on a copy of the work folder without its points, reusing `doc`."""
+    import shutil
+
+    work = tmp_path / "w"
+    if not work.exists():
+        shutil.copytree(root / "work", work)
+    for f in (work / "points").glob("*.json"):
+        f.unlink()
+    src = tmp_path / "old.json"
+    src.write_text(json.dumps(doc))
+    out = tmp_path / "new.json"
+    if out.exists():
+        out.unlink()
+    r = cli("adapters", "benchmark", str(cfg), "--out", str(work), "--report-only", "--reuse", str(src), "--json", str(out))
+    assert r.exit_code == 0, r
+    return json.loads(out.read_text()), r.output
+
+
+def test_reuse_refuses_another_library_or_other_scoring(setup, run, cli, tmp_path):
+    import copy
+
+    root, cfg, _ = setup
+    n = len(run["points"])
+    res, _ = _reuse_report(cli, root, cfg, tmp_path, run)
+    assert len(res["points"]) == n and not res["missing"]
+    for change in ("sha", "limit"):
+        doc = copy.deepcopy(run)
+        if change == "sha":
+            doc["library"]["sha256"] = "0" * 64
+        else:
+            doc["config"]["limit"] = 99
+        res, log = _reuse_report(cli, root, cfg, tmp_path, doc)
+        assert not res["points"] and len(res["missing"]) == n, change
+        assert "nothing reused" in log
+    # a file written before fingerprints: matched by the training record, refused when one loss differs
+    doc = copy.deepcopy(run)
+    del doc["library"]["sha256"]
+    res, log = _reuse_report(cli, root, cfg, tmp_path, doc)
+    assert len(res["points"]) == n and "training record" in log
+    task = next(iter(doc["training"]["record"]["runs"]))
+    doc["training"]["record"]["runs"][task]["losses"][-1] += 1e-3
+    res, log = _reuse_report(cli, root, cfg, tmp_path, doc)
+    assert not res["points"] and task in log
+
+
+def test_reuse_needs_a_results_file(setup, cli, tmp_path):
+    _, cfg, _ = setup
+    assert_usage_error(cli("adapters", "benchmark", str(cfg), "--out", str(tmp_path / "w"), "--reuse", str(tmp_path / "no.json")),
+                       "--reuse")
+    (tmp_path / "x.json").write_text("{}")
+    assert_usage_error(cli("adapters", "benchmark", str(cfg), "--out", str(tmp_path / "w"), "--reuse", str(tmp_path / "x.json")),
+                       "--reuse")
