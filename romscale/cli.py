@@ -42,6 +42,9 @@ def demo(
     adapters: bool = typer.Option(True, "--adapters/--no-adapters",
                                   help="also the small adapter benchmark: 4 packaged tasks, a LoRA each on SmolLM2-135M-Instruct, "
                                        "merges, HydraOpt and clusterings at K = 2 scored on the tasks"),
+    llamacpp: bool = typer.Option(True, "--llamacpp/--no-llamacpp",
+                                  help="also SmolLM2-135M-Instruct decoded by ONNX Runtime next to llama.cpp at f32 "
+                                       "(needs the bench extra: pip install 'romscale[bench]'; skipped without it)"),
     overwrite: bool = overwrite_option(),
 ) -> None:
     """The main job: train dense and MeKi on real text, fold, generate, report RAM vs ROM; then score
@@ -59,7 +62,8 @@ def demo(
 
     choice("--preset", preset, PRESETS)
     console = Console()
-    r = run_demo(DemoConfig(out=out, steps=steps, preset=preset, d_mem=d_mem, seed=seed, overwrite=overwrite, adapters=adapters), log=console.print)
+    r = run_demo(DemoConfig(out=out, steps=steps, preset=preset, d_mem=d_mem, seed=seed, overwrite=overwrite, adapters=adapters,
+                             llamacpp=llamacpp), log=console.print)
     table = Table(title=f"{preset} on Shakespeare, {steps} steps per arm ({r['machine']})")
     for col in ("arm", "val loss (nats)", "train s", "RAM params", "ROM params", "ROM bytes (fp16)"):
         table.add_column(col, justify="right")
@@ -75,8 +79,8 @@ def demo(
     )
     console.print(f"sample ({r['sample']['prompt']!r}): {r['sample']['continuation']!r}")
     nr = r["native_runtime"]
-    t = Table(title=f"batch-1 greedy decode, {nr['new_tokens']} tokens, {nr['rounds']} paired rounds (llama.cpp next to it: "
-                    "romscale bundle bench decode --runtime onnxruntime, results/native_decode_cpu.json)")
+    t = Table(title=f"batch-1 greedy decode, {nr['new_tokens']} tokens, {nr['rounds']} paired rounds, the demo's "
+                    "models (llama.cpp: the SmolLM2 table below)")
     for col in ("arm", "tok/s"):
         t.add_column(col, justify="right")
     for name, v in nr["tok_s_mean"].items():
@@ -92,6 +96,19 @@ def demo(
         for row in a["summary"]:
             t.add_row(row["label"], "" if row["k"] is None else str(row["k"]), f"{row['storage_pct_bytes']:.1f}", f"{row['mean']:.2f}")
         console.print(t)
+    nl = r.get("native_vs_llamacpp")
+    if nl and "skipped" not in nl:
+        t = Table(title=f"SmolLM2-135M-Instruct, batch-1 greedy decode, {nl['config']['new_tokens']} tokens, "
+                        f"{nl['config']['rounds']} paired rounds, fp32 weights")
+        for col in ("arm", "tok/s"):
+            t.add_column(col, justify="right")
+        for name, v in nl["arms"].items():
+            t.add_row(name, f"{v['tok_s_mean']:.1f}")
+        for name, ci in nl["ratios"].items():
+            t.add_row(name, f"{ci['ratio']:.3f}x [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]")
+        console.print(t)
+    elif nl:
+        console.print(f"native runtime vs llama.cpp: skipped ({nl['skipped']})")
     console.print(f"wrote {out / 'results.json'}, {out / 'loss.png'}, {out / 'meki-folded'}"
                   f"{', ' + str(out / 'adapters') if 'adapters' in r else ''} in {r['total_seconds']} s")
 

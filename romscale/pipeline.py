@@ -62,6 +62,8 @@ class DemoConfig:
     adapter_base: str = "smollm2-135m-instruct"
     adapter_steps: int = 20  # LoRA steps per task
     adapter_examples: int = 8  # test examples scored per task
+    llamacpp_rounds: int = 5
+    llamacpp: bool = True  # also SmolLM2 dense on ONNX Runtime vs llama.cpp (needs the `bench` extra; skipped without it)
 
 
 def _generate(model, tokenizer, prompt: str, n: int) -> tuple[list[int], str]:
@@ -171,9 +173,37 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
         (out.path / "loss.png").write_bytes(png)
         if cfg.adapters:
             results["adapters"] = run_adapter_demo(cfg, out.path / ADAPTERS_DIR, log)
+        if cfg.llamacpp:
+            results["native_vs_llamacpp"] = run_llamacpp_demo(cfg, log)
         results["total_seconds"] = round(time.perf_counter() - t0, 1)
         (out.path / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
+
+
+def run_llamacpp_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
+    """SmolLM2-135M-Instruct (the packaged GGUF) exported to ONNX Runtime in fp32 and decoded at batch 1
+    in paired rounds against llama.cpp on a GGUF re-quantised to f32 from the same weights: the demo's
+    own model has no GGUF, so the real model carries the comparison. A short version of
+    `romscale bundle bench decode` (dense arms only); skipped, with the reason, without llama-cpp-python."""
+    import tempfile
+
+    from romscale.bench.native import NativeBenchConfig, bench_native
+    from romscale.rom.llamacpp import LlamaCppMissingError, _llama_cpp
+
+    try:
+        _llama_cpp()
+    except LlamaCppMissingError as exc:
+        log(f"native runtime vs llama.cpp: skipped ({exc})")
+        return {"skipped": str(exc)}
+    log("native runtime vs llama.cpp: SmolLM2-135M-Instruct, ONNX Runtime fp32 vs llama.cpp f32 ...")
+    ncfg = NativeBenchConfig(model=cfg.adapter_base, weights="fp32", rounds=cfg.llamacpp_rounds, new_tokens=32,
+                             meki=False, hf_eager=False, llamacpp=True, seed=cfg.seed)
+    with tempfile.TemporaryDirectory(prefix="romscale-llamacpp-") as tmp:  # ~1 GB of scratch: export + GGUF
+        t0 = time.perf_counter()
+        r = bench_native(ncfg, Path(tmp), log)
+        r["seconds"] = round(time.perf_counter() - t0, 1)
+    r.pop("paths", None)
+    return r
 
 
 def adapter_demo_config(cfg: DemoConfig, bank: Path):

@@ -31,6 +31,7 @@ def tiny_demo(monkeypatch):
 
 def _cfg(out, **kw):
     kw.setdefault("adapters", False)  # the adapter part needs the packaged SmolLM2: tested on its own below
+    kw.setdefault("llamacpp", False)  # so does the llama.cpp comparison: tested on its own below
     return pipeline.DemoConfig(
         out=out, preset="tiny", steps=4, eval_every=2, batch_size=4, block_size=16, vocab_size=300, new_tokens=4, val_blocks=5, **kw
     )
@@ -108,3 +109,25 @@ def test_demo_overwrites_its_own_output_only_when_asked(tmp_path, tiny_demo):
     second = pipeline.run_demo(_cfg(out, overwrite=True, seed=1), log=lambda *_: None)
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["config"]["seed"] == 1 and on_disk["dense"]["val_loss"] == second["dense"]["val_loss"] != first["dense"]["val_loss"]
+
+
+def test_demo_llamacpp_part_is_skipped_with_its_reason_or_runs_the_dense_comparison(monkeypatch):
+    import romscale.bench.native as native
+    import romscale.rom.llamacpp as llamacpp
+
+    cfg = pipeline.DemoConfig(llamacpp_rounds=3)
+    lines = []
+
+    def missing():
+        raise llamacpp.LlamaCppMissingError("the llama.cpp benchmark anchor needs the optional llama-cpp-python package")
+
+    monkeypatch.setattr(llamacpp, "_llama_cpp", missing)
+    r = pipeline.run_llamacpp_demo(cfg, lines.append)
+    assert "llama-cpp-python" in r["skipped"] and "skipped" in lines[-1]
+    seen = []
+    monkeypatch.setattr(llamacpp, "_llama_cpp", lambda: object())
+    monkeypatch.setattr(native, "bench_native", lambda c, work, log: seen.append(c) or {"arms": {}, "paths": {"dense": str(work)}})
+    r = pipeline.run_llamacpp_demo(cfg, lines.append)
+    (c,) = seen
+    assert not c.meki and c.llamacpp and not c.hf_eager and c.weights == "fp32" and c.rounds == 3
+    assert c.model == cfg.adapter_base and "paths" not in r and r["seconds"] >= 0

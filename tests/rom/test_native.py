@@ -326,3 +326,22 @@ def test_cli_native_bench_checks_its_options_before_any_work(cli, tmp_path):
     except ImportError:  # without the bench extra the anchor is refused up front, naming the extra
         assert_usage_error(cli(*args), "romscale[bench]")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_dense_only_native_bench_on_a_tiny_model(tmp_path):
+    """The main job's short comparison (dense arms only, no table): no MeKi export, no memory probes,
+    the paired ratio against HF eager; tokens of the two arms agree (same weights, greedy)."""
+    from romscale.bench.native import NativeBenchConfig, bench_native
+
+    model = tiny_base("llama")
+    model.save_pretrained(tmp_path / "hf")
+    from conftest import hf_tokenizer
+
+    hf_tokenizer().save_pretrained(tmp_path / "hf")
+    cfg = NativeBenchConfig(model=str(tmp_path / "hf"), rounds=2, new_tokens=6, prompt_tokens=4, meki=False,
+                            llamacpp=False, hf_eager=True)
+    r = bench_native(cfg, tmp_path / "work", log=lambda *_: None)
+    assert set(r["arms"]) == {"ort dense", "hf eager"} and r["memory"] == {} and r["targets"] == {}
+    assert set(r["ratios"]) == {"ort dense / hf eager"} and r["ratios"]["ort dense / hf eager"]["n"] == 2
+    assert r["greedy_agreement_with_ort_dense"]["hf eager"] == 1.0
+    assert not any(p.name.startswith("meki") for p in (tmp_path / "work").iterdir())
