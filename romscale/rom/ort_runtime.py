@@ -13,7 +13,7 @@ steps (I/O binding), never copied through numpy.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,25 @@ class OrtDecoder:
         session.run_with_iobinding(io)
         logits, k, v = io.get_outputs()
         return logits.numpy(), (k, v)
+
+    def greedy_steps(self, ids: np.ndarray, max_new_tokens: int) -> Iterator[tuple[int, float]]:
+        """Greedy decode of one prompt [1, T], one step per `next()`: yields (token, seconds of the
+        step that produced it); the first item is the prefill's. A benchmark interleaves two decoders'
+        steps through this (lockstep), so both see the same machine state at every token."""
+        ids = np.asarray(ids, np.int64)
+        if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+            raise RomscaleError(f"greedy_steps takes one prompt of shape (1, tokens >= 1); got {ids.shape}")
+        mask = np.ones_like(ids)
+        t0 = time.perf_counter()
+        logits, past = self._run(ids, mask, self._empty_cache(1))
+        nxt = _pick(logits, False, 1.0, 1.0, None)
+        yield int(nxt[0]), time.perf_counter() - t0
+        for _ in range(max_new_tokens - 1):
+            t0 = time.perf_counter()
+            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], 1)
+            logits, past = self._run(nxt[:, None], mask, past)
+            nxt = _pick(logits, False, 1.0, 1.0, None)
+            yield int(nxt[0]), time.perf_counter() - t0
 
     def generate(self, ids: np.ndarray, attention_mask: np.ndarray | None = None, *, max_new_tokens: int = 32,
                  sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,

@@ -345,3 +345,34 @@ def test_dense_only_native_bench_on_a_tiny_model(tmp_path):
     assert set(r["ratios"]) == {"ort dense / hf eager"} and r["ratios"]["ort dense / hf eager"]["n"] == 2
     assert r["greedy_agreement_with_ort_dense"]["hf eager"] == 1.0
     assert not any(p.name.startswith("meki") for p in (tmp_path / "work").iterdir())
+
+
+def test_greedy_steps_are_the_greedy_generation_one_step_at_a_time(tmp_path):
+    model = tiny_base("llama")
+    export_native(model, tmp_path / "x")
+    ids = torch.randint(3, 90, (1, 5), generator=torch.Generator().manual_seed(1)).numpy()
+    dec = OrtDecoder(tmp_path / "x")
+    try:
+        ref = dec.generate(ids, max_new_tokens=7).tokens[0].tolist()
+        steps = list(dec.greedy_steps(ids, 7))
+        assert [t for t, _ in steps] == ref and all(dt > 0 for _, dt in steps)
+        with pytest.raises(RomscaleError, match="one prompt"):
+            next(dec.greedy_steps(np.zeros((2, 3), np.int64), 2))
+    finally:
+        dec.close()
+
+
+def test_meki_native_bench_on_a_tiny_model_pairs_runs_and_lockstep_steps(tmp_path):
+    from conftest import hf_tokenizer
+
+    from romscale.bench.native import NativeBenchConfig, bench_native
+
+    tiny_base("llama").save_pretrained(tmp_path / "hf")
+    hf_tokenizer().save_pretrained(tmp_path / "hf")
+    cfg = NativeBenchConfig(model=str(tmp_path / "hf"), d_mem=8, rounds=2, new_tokens=5, prompt_tokens=4, memory_tokens=8,
+                            llamacpp=False, hf_eager=False)
+    r = bench_native(cfg, tmp_path / "work", log=lambda *_: None)
+    assert set(r["arms"]) == {"ort dense", "ort MeKi"}
+    assert {len(v) for v in r["lockstep_tok_s"].values()} == {2}
+    assert r["ratios"]["ort MeKi / ort dense (lockstep)"]["n"] == 2
+    assert {"meki_ge_0.97x_dense", "meki_ge_0.97x_dense_lockstep", "table_residency_le_2x_touched"} <= set(r["targets"])
