@@ -23,6 +23,7 @@ class MekiMemory(Memory):
     config_cls = MekiConfig
     foldable = True
     address = "token"
+    label, state_attr = "MeKi", "_meki_state"  # romscale.meki.attach keeps its state there
 
     def attach(self, model: nn.Module, cfg: MekiConfig, *, folded: bool = False, external: bool = False) -> nn.Module:
         if not isinstance(cfg, MekiConfig):

@@ -62,19 +62,24 @@ LAYOUT = "fused2"  # the export's layout version: fused MeKi FFN matmuls, a stat
 class _Step(nn.Module):
     """The traced step: the HF model with a cache rebuilt from tensors and the ROM rows as an input."""
 
-    def __init__(self, model: nn.Module, layers: int, rows_shape: tuple[int, int] | None) -> None:
+    def __init__(self, model: nn.Module, layers: int, rows_shape: tuple[int, int] | None,
+                 memories: list[tuple[Any, int, int]] = ()) -> None:
         super().__init__()
-        self.model, self.layers, self.rows_shape = model, layers, rows_shape
-        self.state = meki_state(model)
+        self.model, self.layers, self.rows_shape, self.memories = model, layers, rows_shape, list(memories)
+        self.state = meki_state(model) if not self.memories else None
         self.slot_rows = SlotRows(rows_shape[1]) if rows_shape is not None else None
 
-    def forward(self, input_ids, attention_mask, position_ids, past_k, past_v, rows=None):
+    def forward(self, input_ids, attention_mask, position_ids, past_k, past_v, rows=None, *more_rows):
         from transformers.cache_utils import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
         for i in range(self.layers):
             cache.update(past_k[i], past_v[i], i)
-        if self.state is not None:
+        if self.memories:  # a memory bundle: one rows input per memory, handed to it as its ROM table's rows
+            b, t = input_ids.shape
+            for (mem, n_layers, width), r in zip(self.memories, (rows, *more_rows)):
+                mem.set_row_source(self.model, lambda _ids, r=r.view(b, t, n_layers, width): r)
+        elif self.state is not None:
             b, t = input_ids.shape
             r = rows.view(b, t, *self.rows_shape)
             self.state.row_source = lambda _ids: r  # for the hook-form branches
@@ -105,6 +110,10 @@ def export_native(model: nn.Module, out: str | Path, *, weights: str = "fp32", b
 
     if weights not in WEIGHTS:
         raise RomscaleError(f"--weights must be one of {', '.join(WEIGHTS)}; got {weights!r}")
+    memories = _token_memories(model)
+    if memories:
+        return _export_memories(model, out, memories, weights=weights, bundle=bundle, tokenizer=tokenizer,
+                                overwrite=overwrite, inputs=inputs)
     state = meki_state(model)
     if state is not None and not state.external:
         raise RomscaleError("the native export takes a deploy bundle's model (its MeKi table on storage): export a bundle first")
@@ -139,6 +148,70 @@ def export_native(model: nn.Module, out: str | Path, *, weights: str = "fp32", b
     return Path(out)
 
 
+def _token_memories(model: nn.Module) -> list[tuple[Any, int, int]]:
+    """(memory, layers, width) of each memory of a memory bundle's model (PLE, the fat embedding,
+    MeKi among others), or [] for a dense model or a MeKi bundle's (which has its own layout)."""
+    from romscale.memories.base import attached_memories
+
+    mems = attached_memories(model)
+    if not mems or [m.name for m in mems] == ["meki"]:
+        return []
+    out = []
+    for m in mems:
+        if m.address != "token":
+            # Engram's rows are addressed by hashed n-grams of the previous tokens: the host would have
+            # to hash them; not exported so far
+            raise RomscaleError(f"the native export takes memories whose rows are addressed by token ids; {m.label or m.name}'s "
+                                f"are addressed by {m.address} ids")
+        state = m.state(model)
+        if not getattr(state, "external", False):
+            raise RomscaleError("the native export takes a memory bundle's model (its tables on storage): export a bundle first")
+        _, width, layers = m.row_layout(model)
+        out.append((m, len(layers), width))
+    return out
+
+
+def _export_memories(model: nn.Module, out: str | Path, memories: list[tuple[Any, int, int]], *, weights: str,
+                     bundle: str | Path | None, tokenizer: Any, overwrite: bool, inputs: Iterable[str | Path]) -> Path:
+    """The native export of a memory bundle's model: one `rows_<memory>` input [B, T, layers x width]
+    per memory, read by the host from that memory's ROM table (native.json `memories`)."""
+    from romscale.meki.io import MEMORY_BUNDLE_KIND
+    from romscale.rom.runtime import memory_table_files
+    from romscale.utils.outputs import output_dir, read_manifest
+
+    if bundle is None:
+        raise RomscaleError("a memory model's native export needs the memory bundle its rows come from")
+    files = read_manifest(bundle, MEMORY_BUNDLE_KIND, RomscaleError, hash_files=False)["files"]
+    shape = _shape(model)
+    entries = []
+    for mem, n_layers, width in memories:
+        table_file, manifest_file = memory_table_files(mem.name)
+        entries.append({"name": mem.name, "input": f"rows_{mem.name}", "layers": n_layers, "width": width,
+                        "table": table_file, "manifest": manifest_file, "table_sha256": files[table_file]["sha256"]})
+    meta: dict[str, Any] = {"format": NATIVE_KIND, "version": 1, "layout": LAYOUT, "opset": OPSET, "weights": weights, **shape,
+                            "rows": None, "memories": entries, "fused_layers": 0,
+                            "bundle": {"path": str(Path(bundle).absolute()), "kind": MEMORY_BUNDLE_KIND}}
+    extra = [(e["input"], e["layers"] * e["width"]) for e in entries]
+    saved = [(mem, mem.state(model).row_source) for mem, _, _ in memories]
+    try:
+        with output_dir(out, kind=NATIVE_KIND, inputs=[*inputs, bundle], overwrite=overwrite, meta={"weights": weights}) as o:
+            t0 = time.perf_counter()
+            for prog, decode in ((PROGRAM_FILE, False), (DECODE_FILE, True)):
+                _trace(model, o.path / prog, shape, None, False, decode=decode, memories=memories, extra_rows=extra)
+                if weights != "fp32":
+                    _convert(o.path / prog, weights)
+            meta["shared_weights"] = _share_weights(o.path, [PROGRAM_FILE, DECODE_FILE])
+            meta["decode_program"] = DECODE_FILE
+            meta["export_seconds"] = round(time.perf_counter() - t0, 2)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(o.path))
+            (o.path / NATIVE_FILE).write_text(json.dumps(meta, indent=1))
+    finally:  # the caller's model reads its own tables again, no traced tensor stays behind
+        for mem, source in saved:
+            mem.state(model).row_source = source
+    return Path(out)
+
+
 def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
     """aten::rms_norm (nn.RMSNorm, in MeKi's branch) in ONNX ops: the TorchScript exporter has no
     symbolic for it below opset 23. ONNX Runtime fuses this pattern into one SimplifiedLayerNormalization
@@ -155,12 +228,13 @@ def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
 
 
 def _trace(model: nn.Module, path: Path, shape: dict[str, int], rows_shape: tuple[int, int] | None,
-           fused: bool, decode: bool = False) -> int:
+           fused: bool, decode: bool = False, memories: list[tuple[Any, int, int]] = (),
+           extra_rows: list[tuple[str, int]] = ()) -> int:
     """Export the step of `model` to `path`; returns the number of MeKi layers in the fused layout.
     `decode`: batch 1 and one token, fixed (only the past length stays dynamic)."""
     torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, OPSET)
     model = model.eval().float()
-    step = _Step(model, shape["layers"], rows_shape)
+    step = _Step(model, shape["layers"], rows_shape, memories)
     b, t, p = (1, 1, 2) if decode else (1, 3, 2)  # example sizes; the dynamic axes are declared below
     kv = torch.zeros(shape["layers"], b, shape["kv_heads"], p, shape["head_dim"])
     args = [torch.ones(b, t, dtype=torch.long), torch.ones(b, p + t, dtype=torch.long),
@@ -173,10 +247,14 @@ def _trace(model: nn.Module, path: Path, shape: dict[str, int], rows_shape: tupl
         args.append(torch.zeros(b, t, rows_shape[0] * rows_shape[1]))
         names.append("rows")
         axes["rows"] = {0: "batch", 1: "tokens"}
+    for name, width in extra_rows:  # a memory bundle's: one input per memory
+        args.append(torch.zeros(b, t, width))
+        names.append(name)
+        axes[name] = {0: "batch", 1: "tokens"}
     if decode:  # keep only the length axes
         axes = {k: {d: n for d, n in v.items() if n in ("past", "total")} for k, v in axes.items()}
         axes = {k: v for k, v in axes.items() if v}
-    state = meki_state(model)
+    state = meki_state(model) if not memories else None
     saved = (state.row_source, state.rows, state.ids) if state is not None else None
     try:
         with torch.no_grad(), warnings.catch_warnings(), fused_mlps(model, step.slot_rows, enabled=fused) as n_fused:
@@ -311,8 +389,15 @@ def export_native_from(source: str | Path, out: str | Path, *, weights: str = "f
     src = Path(source)
     kind = output_kind(src) if src.is_dir() else None
     if kind == MEMORY_BUNDLE_KIND:
-        raise RomscaleError(f"{option} {src}: a memory bundle (PLE / Engram / fat embedding); the native export takes MeKi "
-                            "bundles and dense models so far")
+        from romscale.meki.cli import maybe_tokenizer
+        from romscale.rom.runtime import load_memory_bundle
+
+        mb = load_memory_bundle(src)
+        try:
+            return export_native(mb.model, out, weights=weights, bundle=src, tokenizer=maybe_tokenizer(src),
+                                 overwrite=overwrite, inputs=[src])
+        finally:
+            mb.close()
     if kind == BUNDLE_KIND:
         from romscale.meki.cli import maybe_tokenizer
         from romscale.rom.runtime import load_bundle

@@ -59,9 +59,36 @@ class OrtDecoder:
         self.decode_session = (ort.InferenceSession(str(self.folder / decode), opts, providers=["CPUExecutionProvider"])
                                if decode else None)
         self.table = None
+        self.tables: dict[str, Any] = {}  # a memory bundle's: input name -> ROM table
         if self.meta["rows"] is not None:
             self.table = self._open_table(verify_rows, bundle)
+        if self.meta.get("memories"):
+            self.tables = self._open_memory_tables(verify_rows, bundle)
         self.row_bytes_read = 0
+
+    def _open_memory_tables(self, verify_rows: bool, bundle: str | Path | None) -> dict[str, Any]:
+        """Each memory's ROM table of the memory bundle, checked to be the table exported against."""
+        from romscale.meki.io import MEMORY_BUNDLE_KIND
+        from romscale.rom.table import RomTable
+        from romscale.utils.outputs import read_manifest
+
+        path = Path(bundle) if bundle is not None else Path((self.meta.get("bundle") or {}).get("path", ""))
+        files = read_manifest(path, MEMORY_BUNDLE_KIND, RomscaleError, hash_files=False)["files"]
+        tables: dict[str, Any] = {}
+        try:
+            for e in self.meta["memories"]:
+                if files.get(e["table"], {}).get("sha256") != e["table_sha256"]:
+                    raise RomscaleError(f"{self.folder}: was exported for another {e['name']} table than the one now in {path} "
+                                        "(sha256 differs)")
+                t = tables[e["input"]] = RomTable(path, verify_rows=verify_rows, manifest_file=e["manifest"])
+                if (t.manifest["d_mem"], t.manifest["num_layers"]) != (e["width"], e["layers"]):
+                    raise RomscaleError(f"{path}: the {e['name']} table's rows ({t.manifest['num_layers']} x {t.manifest['d_mem']}) "
+                                        f"do not match the export's ({e['layers']} x {e['width']})")
+        except BaseException:
+            for t in tables.values():
+                t.close()
+            raise
+        return tables
 
     def _open_table(self, verify_rows: bool, bundle: str | Path | None):
         from romscale.meki.io import BUNDLE_KIND
@@ -88,6 +115,9 @@ class OrtDecoder:
         if self.table is not None:
             self.table.close()
             self.table = None
+        for t in self.tables.values():
+            t.close()
+        self.tables = {}
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:
         import torch
@@ -115,6 +145,12 @@ class OrtDecoder:
         io.bind_ortvalue_input("past_v", past[1])
         if self.table is not None:
             io.bind_cpu_input("rows", self._rows(ids))
+        for name, table in self.tables.items():
+            import torch
+
+            rows = table.rows(torch.from_numpy(ids), torch.float32)  # [B, T, layers, width], CRC-checked
+            self.row_bytes_read += ids.size * table.row_bytes
+            io.bind_cpu_input(name, rows.numpy().reshape(ids.shape[0], ids.shape[1], -1))
         for name in ("logits", "present_k", "present_v"):
             io.bind_output(name, "cpu")
         session.run_with_iobinding(io)

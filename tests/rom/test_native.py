@@ -376,3 +376,78 @@ def test_meki_native_bench_on_a_tiny_model_pairs_runs_and_lockstep_steps(tmp_pat
     assert {len(v) for v in r["lockstep_tok_s"].values()} == {2}
     assert r["ratios"]["ort MeKi / ort dense (lockstep)"]["n"] == 2
     assert {"meki_ge_0.97x_dense", "meki_ge_0.97x_dense_lockstep", "table_residency_le_2x_touched"} <= set(r["targets"])
+
+
+def _model(*names, family="llama"):
+    """A tiny model with the named memories, their weights random (not the zero-init outputs)."""
+    from romscale.memories.base import get_memory
+    from romscale.memories.engram import EngramConfig
+    from romscale.memories.fat import FatConfig
+    from romscale.memories.ple import PleConfig
+
+    configs = {"ple": PleConfig(d_ple=8), "fat": FatConfig(extra=8), "meki": MekiConfig(d_mem=8),
+               "engram": EngramConfig(layers=(0, 1), rows_per_head=13, heads=2, d_head=4)}
+    model = tiny_base(family)
+    g = torch.Generator().manual_seed(4)
+    for name in names:
+        get_memory(name).attach(model, configs[name])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if set(names) & set(n.split(".")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if p.dim() <= 1 else 0.0))
+    if "meki" in names:
+        get_memory("meki").fold(model)
+    return model
+
+
+@pytest.mark.parametrize("names", [("ple",), ("fat",), ("ple", "fat", "meki")])
+def test_memory_bundle_export_reads_each_table_and_matches_the_bundle(tmp_path, names):
+    """PLE, the fat embedding, and MeKi among them: one rows input per memory, read by the host from
+    that memory's ROM table; greedy tokens and logits match the PyTorch memory bundle."""
+    from romscale.rom.runtime import export_memory_bundle, load_memory_bundle
+
+    path = export_memory_bundle(_model(*names), tmp_path / "b", dtype="fp16")
+    mb = load_memory_bundle(path)
+    try:
+        export_native(mb.model, tmp_path / "x", bundle=path)
+        meta = read_native(tmp_path / "x")
+        assert sorted(m["name"] for m in meta["memories"]) == sorted(names) and meta["rows"] is None
+        dec = OrtDecoder(tmp_path / "x")
+        try:
+            assert set(dec.tables) == {f"rows_{n}" for n in names}
+            _check_same(dec, mb.model)
+            assert dec.row_bytes_read > 0
+        finally:
+            dec.close()
+        # the caller's model still reads its own tables
+        ids = torch.randint(3, 90, (1, 5), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            mb.model(ids)
+    finally:
+        mb.close()
+
+
+def test_engram_and_changed_memory_tables_are_refused(tmp_path):
+    from romscale.rom.runtime import export_memory_bundle, load_memory_bundle, memory_table_files
+
+    path = export_memory_bundle(_model("engram"), tmp_path / "e")
+    mb = load_memory_bundle(path)
+    try:
+        with pytest.raises(RomscaleError, match="addressed by"):
+            export_native(mb.model, tmp_path / "x")
+    finally:
+        mb.close()
+    assert not (tmp_path / "x").exists()
+    path = export_memory_bundle(_model("ple"), tmp_path / "p")
+    mb = load_memory_bundle(path)
+    try:
+        export_native(mb.model, tmp_path / "y", bundle=path)
+    finally:
+        mb.close()
+    changed = _model("ple")
+    with torch.no_grad():
+        changed.ple.table.weight.add_(1.0)
+    other = export_memory_bundle(changed, tmp_path / "p2")  # another table, same layout
+    with pytest.raises(RomscaleError, match="sha256 differs"):
+        OrtDecoder(tmp_path / "y", bundle=other)
+    assert memory_table_files("ple")[0] in {p.name for p in other.iterdir()}
