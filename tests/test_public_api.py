@@ -78,7 +78,9 @@ def test_machine_line_names_torch():
     from romscale.utils.machine import machine_line
 
     line = machine_line()
-    assert "torch" in line and "cores" in line
+    from romscale.utils.machine import cpu_model
+
+    assert "torch" in line and "cores" in line and cpu_model() in line and cpu_model()
 
 
 def test_type_checking_imports_match_the_runtime_names():

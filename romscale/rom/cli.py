@@ -222,8 +222,9 @@ def _generate_native(bundle: Path, weights: str, prompt: str, max_new_tokens: in
 
 @app.command("native")
 def native(
-    source: str = typer.Argument(..., help="a MeKi deploy bundle folder (romscale bundle export), or a dense model: "
-                                 "an HF folder, a .gguf file or a packaged model name (the control)"),
+    source: str = typer.Argument(..., help="a deploy bundle folder (romscale bundle export: MeKi, or a memory bundle "
+                                 "with PLE / the fat embedding / several memories), or a dense model: an HF folder, "
+                                 "a .gguf file or a packaged model name (the control)"),
     out: Path = out_option(help="output folder of the native export (ONNX program + tokenizer)"),
     weights: str = typer.Option("fp32", help="fp32 | fp16 | int8 (weight-only, 8-bit, blocks of 32 along the input)"),
     overwrite: bool = overwrite_option(),

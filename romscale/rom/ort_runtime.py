@@ -40,9 +40,10 @@ class OrtDecoder:
     """Prefill + KV-cached decode of a native export on ONNX Runtime's CPU provider."""
 
     def __init__(self, folder: str | Path, *, threads: int = 2, verify_rows: bool = True,
-                 bundle: str | Path | None = None) -> None:
+                 bundle: str | Path | None = None, spin: bool = True) -> None:
         """`bundle`: where the MeKi table is now (default: where it was at export); its table must be
-        the one exported against (the sha256 in its manifest is compared)."""
+        the one exported against (the sha256 in its manifest is compared). `spin=False`: idle worker
+        threads sleep at once instead of spinning (for decoders that take turns on the same cores)."""
         import onnxruntime as ort
 
         self.folder = Path(folder)
@@ -52,6 +53,8 @@ class OrtDecoder:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spin:  # ORT's idle intra-op threads spin for a while after a run: two sessions taking turns
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # would starve each other
         self.session = ort.InferenceSession(str(self.folder / PROGRAM_FILE), opts, providers=["CPUExecutionProvider"])
         # batch-1 decode steps run the static decode program (romscale.rom.onnx_export: its shape
         # arithmetic folded away); prefill and batched steps the general one

@@ -2,10 +2,27 @@
 
 import os
 import platform
+from functools import lru_cache
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; platform.processor() elsewhere): two machines of one
+    'kind' may differ (an AMD EPYC and an Intel Xeon ran this project's CPU sessions), and figures
+    are only comparable on the same CPU."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def machine_line() -> str:
     import torch  # lazy: importing this module (the CLI does) must stay cheap
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    return f"{platform.machine()} {dev}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return (f"{platform.machine()} {dev} ({cpu_model()}), {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}")

@@ -451,3 +451,15 @@ def test_engram_and_changed_memory_tables_are_refused(tmp_path):
     with pytest.raises(RomscaleError, match="sha256 differs"):
         OrtDecoder(tmp_path / "y", bundle=other)
     assert memory_table_files("ple")[0] in {p.name for p in other.iterdir()}
+
+
+def test_cli_native_exports_a_memory_bundle_and_refuses_engram(cli, tmp_path):
+    from romscale.rom.runtime import export_memory_bundle
+
+    ple = export_memory_bundle(_model("ple"), tmp_path / "p")
+    r = cli("bundle", "native", str(ple), "--out", str(tmp_path / "x"))
+    assert r.exit_code == 0, r.output
+    assert [m["name"] for m in read_native(tmp_path / "x")["memories"]] == ["ple"]
+    eng = export_memory_bundle(_model("engram"), tmp_path / "e")
+    assert_usage_error(cli("bundle", "native", str(eng), "--out", str(tmp_path / "y")), "addressed by")
+    assert not (tmp_path / "y").exists()
