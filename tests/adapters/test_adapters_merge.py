@@ -60,10 +60,14 @@ def _products(res) -> dict[str, torch.Tensor]:
     return {m: lm.B.float() @ lm.A.float() for m, lm in res.adapter.modules.items()}
 
 
-def _assert_same(got: dict, ref: dict) -> None:
+def _assert_same(got: dict, ref: dict, svd: bool = False) -> None:
+    """Equal up to float rounding; a rank-truncated (SVD) result up to 1e-4 of its largest entry: the
+    truncated subspace depends on the LAPACK path of the CPU (1.7e-5 seen on an Intel Xeon where an
+    AMD EPYC gave < 1e-5)."""
     assert set(got) == set(ref)
     for m in ref:
-        torch.testing.assert_close(got[m], ref[m], rtol=1e-4, atol=1e-5 * float(ref[m].abs().max()))
+        scale = float(ref[m].abs().max())
+        torch.testing.assert_close(got[m], ref[m], rtol=1e-4, atol=(1e-4 if svd else 1e-5) * scale)
 
 
 def _ties_at_threshold(bank: AdapterBank, method: str) -> bool:
@@ -91,7 +95,7 @@ def test_parity_with_peft_on_fp16_adapters_with_ties(ours, peft_type, lib_fp16_t
     opts = MergeOptions(weights=WEIGHTS, density=DENSITY, seed=5, rng="torch", dtype="float32")
     res = merge_adapters(bank, ours, opts)
     out = write_peft_adapter(res.adapter, tmp_path / ours, inputs=lib_fp16_ties)
-    _assert_same(_deltas(PeftModel.from_pretrained(tiny_llama(0), str(out)), "default"), ref)
+    _assert_same(_deltas(PeftModel.from_pretrained(tiny_llama(0), str(out)), "default"), ref, svd="svd" in peft_type)
     if MERGE_METHODS[ours].random:  # the seed matters: another one gives other masks
         other = merge_adapters(bank, ours, MergeOptions(weights=WEIGHTS, density=DENSITY, seed=6, rng="torch", dtype="float32"))
         assert any(not torch.allclose(_products(other)[m], ref[m], atol=1e-6) for m in ref)
