@@ -79,15 +79,8 @@ def demo(
     )
     console.print(f"sample ({r['sample']['prompt']!r}): {r['sample']['continuation']!r}")
     nr = r["native_runtime"]
-    t = Table(title=f"batch-1 greedy decode, {nr['new_tokens']} tokens, {nr['rounds']} paired rounds, the demo's "
-                    "models (llama.cpp: the SmolLM2 table below)")
-    for col in ("arm", "tok/s"):
-        t.add_column(col, justify="right")
-    for name, v in nr["tok_s_mean"].items():
-        t.add_row(name, f"{v:.1f}")
-    for name, ci in nr["ratios"].items():
-        t.add_row(name, f"{ci['ratio']:.3f}x [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]")
-    console.print(t)
+    console.print(_speed_table(f"batch-1 greedy decode, {nr['new_tokens']} tokens, {nr['rounds']} paired rounds, the demo's "
+                               "models (llama.cpp: the SmolLM2 table below)", nr["tok_s_mean"], nr["ratios"]))
     if "adapters" in r:
         a = r["adapters"]
         t = Table(title=f"adapters: {len(a['tasks'])} tasks, library {a['library']['bytes']:,} bytes ({a['library']['dtype']})")
@@ -98,19 +91,27 @@ def demo(
         console.print(t)
     nl = r.get("native_vs_llamacpp")
     if nl and "skipped" not in nl:
-        t = Table(title=f"SmolLM2-135M-Instruct, batch-1 greedy decode, {nl['config']['new_tokens']} tokens, "
-                        f"{nl['config']['rounds']} paired rounds, fp32 weights")
-        for col in ("arm", "tok/s"):
-            t.add_column(col, justify="right")
-        for name, v in nl["arms"].items():
-            t.add_row(name, f"{v['tok_s_mean']:.1f}")
-        for name, ci in nl["ratios"].items():
-            t.add_row(name, f"{ci['ratio']:.3f}x [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]")
-        console.print(t)
+        console.print(_speed_table(f"SmolLM2-135M-Instruct, batch-1 greedy decode, {nl['config']['new_tokens']} tokens, "
+                                   f"{nl['config']['rounds']} paired rounds, fp32 weights",
+                                   {k: v["tok_s_mean"] for k, v in nl["arms"].items()}, nl["ratios"]))
     elif nl:
         console.print(f"native runtime vs llama.cpp: skipped ({nl['skipped']})")
     console.print(f"wrote {out / 'results.json'}, {out / 'loss.png'}, {out / 'meki-folded'}"
                   f"{', ' + str(out / 'adapters') if 'adapters' in r else ''} in {r['total_seconds']} s")
+
+
+def _speed_table(title: str, tok_s: dict[str, float], ratios: dict[str, dict]):
+    """The demo's decode tables: tok/s per arm, then each paired ratio with its 95% interval."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("arm", "tok/s"):
+        t.add_column(col, justify="right")
+    for name, v in tok_s.items():
+        t.add_row(name, f"{v:.1f}")
+    for name, ci in ratios.items():
+        t.add_row(name, f"{ci['ratio']:.3f}x [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]")
+    return t
 
 
 def main() -> None:

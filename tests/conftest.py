@@ -323,3 +323,33 @@ def lib_mixed(tmp_path_factory) -> list[Path]:
 @pytest.fixture
 def tok_ids() -> torch.Tensor:
     return torch.randint(0, ADAPTER_VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def memory_configs() -> dict:
+    """Small configs of every memory for the tiny models (memory bundles, native export)."""
+    from romscale.meki.config import MekiConfig
+    from romscale.memories.engram import EngramConfig
+    from romscale.memories.fat import FatConfig
+    from romscale.memories.ple import PleConfig
+
+    return {"ple": PleConfig(d_ple=8), "engram": EngramConfig(layers=(0, 1), rows_per_head=13, heads=2, d_head=4),
+            "fat": FatConfig(extra=8), "meki": MekiConfig(d_mem=8)}
+
+
+def memory_model(*names: str, family: str = "llama"):
+    """A tiny model with the named memories attached, their weights random (not the zero-init
+    outputs); MeKi folded."""
+    from romscale.memories.base import get_memory
+
+    configs = memory_configs()
+    model = tiny_base(family)
+    g = torch.Generator().manual_seed(4)
+    for name in names:
+        get_memory(name).attach(model, configs[name])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if set(names) & set(n.split(".")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if p.dim() <= 1 else 0.0))
+    if "meki" in names:
+        get_memory("meki").fold(model)
+    return model

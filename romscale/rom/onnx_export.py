@@ -106,8 +106,6 @@ def export_native(model: nn.Module, out: str | Path, *, weights: str = "fp32", b
     tables) to the new romscale folder `out`. `bundle`: the bundle whose table feeds the rows
     (recorded, with its table's hash, so the runtime opens the same table). `fused=False` traces
     every MeKi branch in its hook form (the tests' reference for the fused layout)."""
-    from romscale.utils.outputs import output_dir
-
     if weights not in WEIGHTS:
         raise RomscaleError(f"--weights must be one of {', '.join(WEIGHTS)}; got {weights!r}")
     memories = _token_memories(model)
@@ -131,21 +129,33 @@ def export_native(model: nn.Module, out: str | Path, *, weights: str = "fp32", b
 
         files = read_manifest(bundle, BUNDLE_KIND, RomscaleError, hash_files=False)["files"]
         meta["bundle"] = {"path": str(Path(bundle).absolute()), "table": TABLE_FILE, "table_sha256": files[TABLE_FILE]["sha256"]}
-    with output_dir(out, kind=NATIVE_KIND, inputs=[*inputs, *([bundle] if bundle else [])], overwrite=overwrite,
-                    meta={"weights": weights}) as o:
+    _write_export(model, out, meta, shape, rows_shape, fused, weights=weights, tokenizer=tokenizer, overwrite=overwrite,
+                  inputs=[*inputs, *([bundle] if bundle else [])])
+    return Path(out)
+
+
+def _write_export(model: nn.Module, out: str | Path, meta: dict[str, Any], shape: dict[str, int],
+                  rows_shape: tuple[int, int] | None, fused: bool, *, weights: str, tokenizer: Any, overwrite: bool,
+                  inputs: Iterable[str | Path], memories: list[tuple[Any, int, int]] = (),
+                  extra_rows: list[tuple[str, int]] = ()) -> None:
+    """The export folder of every kind of model: both programs traced (the general one, then the
+    static decode one), converted to `weights`, their weights shared in WEIGHTS_FILE, native.json."""
+    from romscale.utils.outputs import output_dir
+
+    with output_dir(out, kind=NATIVE_KIND, inputs=inputs, overwrite=overwrite, meta={"weights": weights}) as o:
         t0 = time.perf_counter()
-        meta["fused_layers"] = _trace(model, o.path / PROGRAM_FILE, shape, rows_shape, fused)
-        _trace(model, o.path / DECODE_FILE, shape, rows_shape, fused, decode=True)
-        if weights != "fp32":
-            _convert(o.path / PROGRAM_FILE, weights)
-            _convert(o.path / DECODE_FILE, weights)
+        for prog, decode in ((PROGRAM_FILE, False), (DECODE_FILE, True)):
+            n_fused = _trace(model, o.path / prog, shape, rows_shape, fused, decode=decode, memories=memories, extra_rows=extra_rows)
+            if not decode:
+                meta["fused_layers"] = n_fused
+            if weights != "fp32":
+                _convert(o.path / prog, weights)
         meta["shared_weights"] = _share_weights(o.path, [PROGRAM_FILE, DECODE_FILE])
         meta["decode_program"] = DECODE_FILE
         meta["export_seconds"] = round(time.perf_counter() - t0, 2)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(o.path))
         (o.path / NATIVE_FILE).write_text(json.dumps(meta, indent=1))
-    return Path(out)
 
 
 def _token_memories(model: nn.Module) -> list[tuple[Any, int, int]]:
@@ -177,7 +187,7 @@ def _export_memories(model: nn.Module, out: str | Path, memories: list[tuple[Any
     per memory, read by the host from that memory's ROM table (native.json `memories`)."""
     from romscale.meki.io import MEMORY_BUNDLE_KIND
     from romscale.rom.runtime import memory_table_files
-    from romscale.utils.outputs import output_dir, read_manifest
+    from romscale.utils.outputs import read_manifest
 
     if bundle is None:
         raise RomscaleError("a memory model's native export needs the memory bundle its rows come from")
@@ -189,23 +199,13 @@ def _export_memories(model: nn.Module, out: str | Path, memories: list[tuple[Any
         entries.append({"name": mem.name, "input": f"rows_{mem.name}", "layers": n_layers, "width": width,
                         "table": table_file, "manifest": manifest_file, "table_sha256": files[table_file]["sha256"]})
     meta: dict[str, Any] = {"format": NATIVE_KIND, "version": 1, "layout": LAYOUT, "opset": OPSET, "weights": weights, **shape,
-                            "rows": None, "memories": entries, "fused_layers": 0,
+                            "rows": None, "memories": entries,
                             "bundle": {"path": str(Path(bundle).absolute()), "kind": MEMORY_BUNDLE_KIND}}
     extra = [(e["input"], e["layers"] * e["width"]) for e in entries]
     saved = [(mem, mem.state(model).row_source) for mem, _, _ in memories]
     try:
-        with output_dir(out, kind=NATIVE_KIND, inputs=[*inputs, bundle], overwrite=overwrite, meta={"weights": weights}) as o:
-            t0 = time.perf_counter()
-            for prog, decode in ((PROGRAM_FILE, False), (DECODE_FILE, True)):
-                _trace(model, o.path / prog, shape, None, False, decode=decode, memories=memories, extra_rows=extra)
-                if weights != "fp32":
-                    _convert(o.path / prog, weights)
-            meta["shared_weights"] = _share_weights(o.path, [PROGRAM_FILE, DECODE_FILE])
-            meta["decode_program"] = DECODE_FILE
-            meta["export_seconds"] = round(time.perf_counter() - t0, 2)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(o.path))
-            (o.path / NATIVE_FILE).write_text(json.dumps(meta, indent=1))
+        _write_export(model, out, meta, shape, None, False, weights=weights, tokenizer=tokenizer, overwrite=overwrite,
+                      inputs=[*inputs, bundle], memories=memories, extra_rows=extra)
     finally:  # the caller's model reads its own tables again, no traced tensor stays behind
         for mem, source in saved:
             mem.state(model).row_source = source

@@ -5,37 +5,15 @@ import json
 
 import pytest
 import torch
-from conftest import hf_tokenizer, resign, tiny_base
+from conftest import hf_tokenizer, memory_configs, memory_model, resign, tiny_base
 
 from romscale.errors import CheckpointError, RomscaleError
-from romscale.meki.config import MekiConfig
 from romscale.memories.base import get_memory
-from romscale.memories.engram import EngramConfig
-from romscale.memories.fat import FatConfig
-from romscale.memories.ple import PleConfig
 from romscale.rom.runtime import export_memory_bundle, load_memory_bundle, memory_table_files, verify_memory_bundle
 from romscale.utils.outputs import output_kind
 
-CONFIGS = {
-    "ple": PleConfig(d_ple=8),
-    "engram": EngramConfig(layers=(0, 1), rows_per_head=13, heads=2, d_head=4),
-    "fat": FatConfig(extra=8),
-    "meki": MekiConfig(d_mem=8),
-}
-
-
-def _model(*names, family="llama"):
-    model = tiny_base(family)
-    g = torch.Generator().manual_seed(4)
-    for name in names:
-        get_memory(name).attach(model, CONFIGS[name])
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if set(names) & set(n.split(".")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if p.dim() <= 1 else 0.0))
-    if "meki" in names:
-        get_memory("meki").fold(model)
-    return model
+CONFIGS = memory_configs()
+_model = memory_model
 
 
 def _greedy(model, prompt, n):

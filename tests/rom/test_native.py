@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_usage_error, randomize_meki, tiny_base
+from conftest import assert_usage_error, memory_model, randomize_meki, tiny_base
 from romscale.errors import RomscaleError
 from romscale.meki.attach import attach_meki
 from romscale.meki.config import MekiConfig
@@ -378,26 +378,7 @@ def test_meki_native_bench_on_a_tiny_model_pairs_runs_and_lockstep_steps(tmp_pat
     assert {"meki_ge_0.97x_dense", "meki_ge_0.97x_dense_lockstep", "table_residency_le_2x_touched"} <= set(r["targets"])
 
 
-def _model(*names, family="llama"):
-    """A tiny model with the named memories, their weights random (not the zero-init outputs)."""
-    from romscale.memories.base import get_memory
-    from romscale.memories.engram import EngramConfig
-    from romscale.memories.fat import FatConfig
-    from romscale.memories.ple import PleConfig
-
-    configs = {"ple": PleConfig(d_ple=8), "fat": FatConfig(extra=8), "meki": MekiConfig(d_mem=8),
-               "engram": EngramConfig(layers=(0, 1), rows_per_head=13, heads=2, d_head=4)}
-    model = tiny_base(family)
-    g = torch.Generator().manual_seed(4)
-    for name in names:
-        get_memory(name).attach(model, configs[name])
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if set(names) & set(n.split(".")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if p.dim() <= 1 else 0.0))
-    if "meki" in names:
-        get_memory("meki").fold(model)
-    return model
+_model = memory_model
 
 
 @pytest.mark.parametrize("names", [("ple",), ("fat",), ("ple", "fat", "meki")])
