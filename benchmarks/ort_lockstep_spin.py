@@ -6,7 +6,7 @@ with ONNX Runtime's thread spinning on or off: the check behind the lockstep's s
     python benchmarks/ort_lockstep_spin.py 0   # spinning off
     python benchmarks/ort_lockstep_spin.py 1   # spinning on (ONNX Runtime's default)
 """
-import sys, time, numpy as np
+import sys, numpy as np
 from romscale.rom.ort_runtime import OrtDecoder
 from romscale.rom.pagecache import drop_file_cache
 from romscale.bench.decode import paired_ratio_ci
