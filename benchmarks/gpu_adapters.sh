@@ -24,6 +24,11 @@ report() {  # the results so far (every point already computed by a shard is reu
     --png "$OUTDIR/adapters_benchmark_gpu.png" > "$OUTDIR/report.log" 2>&1 || tail -5 "$OUTDIR/report.log"
   for i in $(seq 0 $((SHARDS - 1))); do echo "== shard $i"; cat "/tmp/shard-$i.log" 2>/dev/null; done > "$OUTDIR/shards.log"
   tar czf "$OUTDIR/points.tgz" -C "$WORK" points 2>/dev/null || true
+  for a in /tmp/det/*/adapter_model.safetensors; do  # the determinism check of `run`, once both exist
+    [ -f "$a" ] || continue
+    b="$WORK/lib/$(basename "$(dirname "$a")")/adapter_model.safetensors"
+    if [ -f "$b" ]; then sha256sum "$a" "$b" > "$OUTDIR/determinism.txt"; cmp -s "$a" "$b" && echo same >> "$OUTDIR/determinism.txt" || echo DIFFERENT >> "$OUTDIR/determinism.txt"; fi
+  done
 }
 
 wait_shards() {  # until every shard has exited or BUDGET_S seconds passed
@@ -40,7 +45,9 @@ case "${1:-run}" in
   part1)
     cp .devcache/smol.gguf.part-aa /tmp/smol.gguf.part-aa && ls -la /tmp/smol.gguf.part-aa
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUTDIR/gpu.txt"
-    python3 benchmarks/merge_device_check.py --device cuda --json "$OUTDIR/merge_device_gpu.json" ;;
+    python3 benchmarks/merge_device_check.py --device cuda --json "$OUTDIR/merge_device_gpu.json"
+    # retraining reproduces the adapter bytes on CUDA (tiny model; needs pytest on the device)
+    python3 -m pytest -q -p no:cacheprovider tests/adapters/test_adapters_train.py -k retraining 2>&1 | tail -3 | tee "$OUTDIR/determinism_tiny.txt" || true ;;
   run)
     if [ ! -f /tmp/smol.gguf ]; then
       cat /tmp/smol.gguf.part-aa .devcache/smol.gguf.part-ab > /tmp/smol.gguf
@@ -72,6 +79,11 @@ PY
         > "/tmp/shard-$i.log" 2>&1 < /dev/null &)
       if [ "$i" = 0 ]; then sleep 15; fi  # shard 0 makes the work folder; the others wait for it anyway
     done
+    # the same on the real model: the bank's first task retrained beside the shards, compared byte for byte
+    first=$(python3 -c "import json; print(json.load(open('/tmp/bank/bank.json'))['tasks'][0]['name'])")
+    (cd /tmp/repo && PYTHONPATH="/tmp/repo/.whl/site:/tmp/repo" setsid nohup bash -c "python3 -m romscale adapters train \
+        --bank /tmp/bank --base smollm2-135m-instruct --out /tmp/det --tasks $first --rank 16 --alpha 32 --steps 120 \
+        --lr 0.0005 --batch-size 16 --max-len 256 --bf16 --seed 0 --device cuda > /tmp/det.log 2>&1" < /dev/null > /dev/null 2>&1 &)
     wait_shards; report ;;
   wait)
     wait_shards; report ;;

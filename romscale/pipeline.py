@@ -209,12 +209,14 @@ def run_llamacpp_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
 def adapter_demo_config(cfg: DemoConfig, bank: Path):
     """A small version of `romscale adapters benchmark`: 4 tasks, K = 2 of 4, short training."""
     from romscale.bench.adapters import AdapterBenchmarkConfig
+    from romscale.utils.machine import fast_bf16
 
     return AdapterBenchmarkConfig(
         bank=str(bank), base=cfg.adapter_base, tasks=None, budgets=(2,),
         clusterers=("d2c", "random", "kmeans_svd", "oracle_family"), d2c_accept=("moved",), seeds={}, default_seeds=1,
         single_merges=("ties",), hydraopt_storage=(0.5,), hydraopt_single=True, d2c_hydraopt=False,
-        train={"steps": cfg.adapter_steps, "batch_size": 4, "max_len": 160, "lr": 1e-3, "bf16": True, "seed": cfg.seed},
+        # bf16 only where the CPU has native bf16 instructions (romscale.utils.machine.fast_bf16)
+        train={"steps": cfg.adapter_steps, "batch_size": 4, "max_len": 160, "lr": 1e-3, "bf16": fast_bf16(), "seed": cfg.seed},
         d2c={"iterations": 8, "n": 4}, limit=cfg.adapter_examples, batch_size=16,
     )
 

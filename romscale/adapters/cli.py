@@ -493,6 +493,7 @@ def train(
     batch_size: int = typer.Option(8, "--batch-size", help="examples per step"),
     max_len: int = typer.Option(256, "--max-len", help="tokens per example (prompt cut at its start)"),
     bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast"),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if available) | cpu | cuda"),
     seed: int = seed_option(),
     json_out: Optional[Path] = json_option(),
     overwrite: bool = overwrite_option(),
@@ -505,6 +506,12 @@ def train(
     at_least("--lr", lr, 0, strict=True)
     at_least("--batch-size", batch_size, 1)
     at_least("--max-len", max_len, 2)
+    choice("--device", device, ("auto", "cpu", "cuda"))
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available to torch here; use --device cpu or auto")
     from romscale.models import PACKAGED_MODELS, resolve_model_source
 
     if base not in PACKAGED_MODELS:
@@ -517,7 +524,8 @@ def train(
     from romscale.data.taskbank import TaskBank
 
     tb = TaskBank.open(bank, tasks)
-    cfg = LoraTrainConfig(rank=rank, alpha=alpha, steps=steps, lr=lr, batch_size=batch_size, max_len=max_len, seed=seed, bf16=bf16)
+    cfg = LoraTrainConfig(rank=rank, alpha=alpha, steps=steps, lr=lr, batch_size=batch_size, max_len=max_len, seed=seed, bf16=bf16,
+                          device=None if device == "auto" else device)
     console = _console()
     summary = train_task_adapters(tb, base, out, cfg, progress=_progress(), overwrite=overwrite, log=console.print)
     from rich.table import Table

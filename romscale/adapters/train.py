@@ -14,8 +14,10 @@ skipped; a writer killed mid-write leaves only temporary debris, which the next 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,9 @@ from romscale.eval.generate import autocast_context, pad_right, target_token_los
 from romscale.eval.prompting import encode_example
 from romscale.eval.slot import QKVO
 from romscale.utils.outputs import output_dir
+
+# cuBLAS reads this when its first handle is made: set at import, before any CUDA work of the process
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 # Fields that make two runs incompatible: a library is resumed only with the same values.
 _RESUME_KEYS = ("rank", "alpha", "target_modules", "dropout", "steps", "lr", "batch_size", "max_len", "warmup_ratio",
@@ -139,6 +144,28 @@ def _batches(n: int, batch_size: int, steps: int, seed: int):
         perm = perm[batch_size:]
 
 
+@contextlib.contextmanager
+def reproducible(device: torch.device):
+    """On CUDA, deterministic kernels for a training run: the same seed then gives the same adapter
+    bytes on the same GPU model and torch/CUDA build, so a later session's retrained library
+    reproduces an earlier one and its scored points can be reused (`adapters benchmark --reuse`).
+    Attention runs PyTorch's math kernel (flash and memory-efficient backward passes use atomics);
+    ops with no deterministic kernel warn rather than fail. On the CPU kernels are deterministic
+    already for a fixed thread count."""
+    if device.type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+
+
 def train_one(model: torch.nn.Module, tokenizer: Any, task: Any, cfg: LoraTrainConfig, base: str,
               progress: bool = True) -> tuple[Any, TaskRun]:
     """Train one task's LoRA on `model` (wrapped with PEFT for the run). Returns (PeftModel, run);
@@ -170,21 +197,22 @@ def train_one(model: torch.nn.Module, tokenizer: Any, task: Any, cfg: LoraTrainC
         peft.train()
         t0 = time.perf_counter()
         bar = tqdm(total=cfg.steps, desc=task.name, leave=False, disable=not progress)
-        for idx in _batches(len(encoded), cfg.batch_size, cfg.steps, cfg.seed):
-            ids, mask, lab = pad_right([encoded[i][0] for i in idx], [encoded[i][1] for i in idx], pad)
-            with autocast_context(device, cfg.bf16):
-                ce, _ = target_token_losses(inner, ids.to(device), mask.to(device), lab.to(device))
-            loss = ce.mean()
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            tokens += int(ce.numel())
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        with reproducible(device):  # forward and backward
+            for idx in _batches(len(encoded), cfg.batch_size, cfg.steps, cfg.seed):
+                ids, mask, lab = pad_right([encoded[i][0] for i in idx], [encoded[i][1] for i in idx], pad)
+                with autocast_context(device, cfg.bf16):
+                    ce, _ = target_token_losses(inner, ids.to(device), mask.to(device), lab.to(device))
+                loss = ce.mean()
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                tokens += int(ce.numel())
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.close()
         if not all(math.isfinite(x) for x in losses):
             raise RomscaleError(f"task {task.name!r}: the training loss became NaN/Inf (lower --lr?)")

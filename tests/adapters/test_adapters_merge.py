@@ -322,3 +322,43 @@ def test_batched_ties_equals_the_per_module_merge(lib4):
             want = ref.modules[mod].B.double() @ ref.modules[mod].A.double()
             assert A.shape == (4, st.d_in) and B.shape == (st.d_out, 4)
             torch.testing.assert_close(B.double() @ A.double(), want, rtol=1e-4, atol=1e-6)
+
+
+def _ties_like(n_out: int, n_in: int, count: int, seed: int) -> torch.Tensor:
+    """count sums of trimmed rank-4 updates, the spectrum shape a TIES merge produces; float64."""
+    g = torch.Generator().manual_seed(seed)
+    mats = []
+    for _ in range(count):
+        parts = [(torch.randn(n_out, 4, generator=g) @ torch.randn(4, n_in, generator=g)) * (torch.rand(n_out, n_in, generator=g) > 0.5)
+                 for _ in range(3)]
+        mats.append(sum(parts))
+    return torch.stack(mats).double()
+
+
+@pytest.mark.parametrize("shape", [(96, 80), (72, 200)])  # Grams of 80 and 72: above 2p = 64, so iterated
+def test_subspace_eigenvectors_give_the_eigh_truncation(shape):
+    """The accelerator's iterative top-k eigenvectors (romscale.adapters.batched) span the same
+    subspace as the full eigh: the same rank-k products, here on the CPU; also for a zero update and
+    a rank-deficient one (Householder fallback), and with max_iter too small (exact fallback)."""
+    from romscale.adapters.batched import top_eigenvectors, truncate_group
+
+    X = _ties_like(*shape, count=3, seed=0)
+    X[1] = 0.0  # an all-zero update (an untrained module)
+    X[2] = X[2, :, :3] @ torch.randn(3, shape[1], dtype=torch.float64)  # rank 3 < p
+    G = X @ X.transpose(1, 2) if shape[0] <= shape[1] else X.transpose(1, 2) @ X
+    k = 6
+    ref = top_eigenvectors(G, k, method="eigh")
+    for kwargs in ({}, {"max_iter": 2}):
+        got = top_eigenvectors(G, k, method="subspace", **kwargs)
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got.transpose(1, 2) @ got, torch.eye(k, dtype=torch.float64).expand(3, k, k), atol=1e-9, rtol=0)
+        for m in (0, 2):
+            P, Pr = got[m] @ got[m].T, ref[m] @ ref[m].T
+            if m == 2:  # rank 3: only the 3 non-null directions are defined
+                P, Pr = P @ G[m], Pr @ G[m]
+            torch.testing.assert_close(P, Pr, atol=1e-8, rtol=0)
+    want = truncate_group(X.float(), k, eig="eigh")
+    for (a, b), (ra, rb) in zip(truncate_group(X.float(), k, eig="subspace"), want):
+        torch.testing.assert_close(b @ a, rb @ ra, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="method"):
+        top_eigenvectors(G, k, method="lanczos")

@@ -258,3 +258,19 @@ def test_packaged_model_is_converted_once(setup, tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="not a romscale output"):
         packaged_model("smollm2-135m-instruct")
     assert (mine / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_retraining_gives_the_same_adapter_bytes(setup, tmp_path, cli, device):
+    """The premise of `adapters benchmark --reuse`: the same seed, machine and packages retrain the
+    same adapters, to the byte (on CUDA through romscale.adapters.train.reproducible)."""
+    root, bank, base = setup
+    for out in ("a", "b"):
+        r = cli("adapters", "train", "--bank", bank, "--base", base, "--out", tmp_path / out, *TRAIN, "--tasks", "yes-en",
+                "--device", device)
+        assert r.exit_code == 0, r
+    a, b = (tmp_path / out / "yes-en" / "adapter_model.safetensors" for out in ("a", "b"))
+    assert a.read_bytes() == b.read_bytes()
+    w = read_peft_adapter(tmp_path / "a" / "yes-en").modules["model.layers.0.self_attn.q_proj"].B
+    assert w.abs().max() > 0  # trained: B moved off its zero initialisation
