@@ -9,6 +9,8 @@
 #                                      # (`romscale adapters benchmark --shard i/SHARDS`, detached with
 #                                      # setsid, so they outlive the call), waits up to BUDGET_S
 #   benchmarks/gpu_adapters.sh wait    # no carry: waits up to BUDGET_S more
+# Env: SHARDS (processes), BUDGET_S, BUDGETS / TASKS (a shorter run), REUSE (an earlier results JSON
+# whose points are taken when the retrained library has the same bytes), MPS=1 (see `run`).
 # `run` and `wait` end by writing the results so far (`--report-only`: nothing is computed;
 # JSON, markdown, PNG, the shards' logs, the finished points) under $OUT.
 set -euo pipefail
@@ -73,6 +75,12 @@ PY
         ${BUDGETS:+-e "s#^budgets: .*#budgets: $BUDGETS#"} configs/adapters-gpu.yaml > /tmp/adapters-gpu.yaml
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUTDIR/gpu.txt"
     cp -r "$PWD" /tmp/repo  # the shards outlive this call, and the working tree with it
+    # MPS=1: NVIDIA's multi-process service, so the shards' small kernels run side by side instead of
+    # time-slicing the GPU between eight contexts (session 7: K = 5 merges 3 s each under eight shards)
+    if [ "${MPS:-0}" = 1 ]; then
+      if command -v nvidia-cuda-mps-control > /dev/null && nvidia-cuda-mps-control -d; then echo "MPS: on" | tee -a "$OUTDIR/gpu.txt"
+      else echo "MPS: not available, shards time-slice the GPU" | tee -a "$OUTDIR/gpu.txt"; fi
+    fi
     for i in $(seq 0 $((SHARDS - 1))); do
       (cd /tmp/repo && OMP_NUM_THREADS=$((16 / SHARDS)) PYTHONPATH="/tmp/repo/.whl/site:/tmp/repo" setsid nohup \
         python3 -m romscale adapters benchmark /tmp/adapters-gpu.yaml --out "$WORK" --shard "$i/$SHARDS" ${REUSE:+--reuse "$REUSE"} \

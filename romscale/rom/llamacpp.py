@@ -131,8 +131,9 @@ def probe_decode(gguf: Path, threads: int = 2, timeout_s: float = 300.0, target=
         sig = signal.Signals(-child.exitcode).name
         raise LlamaCppError(
             f"GGUF file {gguf}: llama.cpp crashed ({sig}) decoding it on this CPU; rebuild llama-cpp-python "
-            "without the faulting kernels (on CPUs with AMX: CMAKE_ARGS=\"-DCMAKE_C_FLAGS=-mno-amx-tile "
-            "-DCMAKE_CXX_FLAGS=-mno-amx-tile\" pip install --no-cache-dir --force-reinstall llama-cpp-python) "
+            "without the faulting kernels (on CPUs with AMX: CMAKE_ARGS=\"-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 "
+            "-mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'\" pip install --no-cache-dir "
+            "--force-reinstall llama-cpp-python) "
             "or leave the llama.cpp arm out")
 
 

@@ -342,11 +342,13 @@ class RomTable:
         return blocks
 
     def close(self) -> None:
-        for mapped in self._arrays.values():
-            mapped.raw.release()
-        self._arrays = {}
+        arrays, self._arrays = self._arrays, {}
+        while arrays:  # popped, not iterated: a loop variable would keep the last view (and the mapping) alive
+            arrays.popitem()[1].raw.release()
         try:
             self._mmap.close()
-        except BufferError:  # numpy views still alive; the mapping goes with them
+        except BufferError:  # numpy views handed out are still alive; the mapping goes with them
             pass
-        os.close(self._fd)
+        if self._fd >= 0:  # a second close() is a no-op
+            os.close(self._fd)
+            self._fd = -1

@@ -154,6 +154,9 @@ def test_train_bad_inputs(setup, lib, tmp_path, cli):
     assert_usage_error(cli("adapters", "train", *ok, "--tasks", "nope"), "unknown task or subset 'nope'")
     assert_usage_error(cli("adapters", "train", *ok, "--rank", "0"), "--rank")
     assert_usage_error(cli("adapters", "train", *ok, "--lr", "0"), "--lr")
+    assert_usage_error(cli("adapters", "train", *ok, "--device", "tpu"), "--device")
+    if not torch.cuda.is_available():
+        assert_usage_error(cli("adapters", "train", *ok, "--device", "cuda"), "--device cuda", "no CUDA device")
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "x.txt").write_text("x")

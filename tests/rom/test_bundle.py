@@ -3,6 +3,8 @@
 import json
 import struct
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -59,6 +61,21 @@ def test_table_layout_is_token_major_and_sizes_are_exact(bundle_dir):
     assert int8.table_bytes * 2 == t.table_bytes  # half the size of fp16
     assert int8.row_bytes == 16 + 2 * 2 + 4  # int8 row + one fp16 scale per layer + CRC-32
     int8.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_close_unmaps_the_table(bundle_dir):
+    """close() releases the mapping at once (a closed table's pages could not be dropped from the
+    page cache while it stayed mapped: the memory benchmark saw 65x the touched rows resident)."""
+    def mapped() -> bool:
+        return any(str(t.path) in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+    t = RomTable(bundle_dir)
+    t.rows(torch.arange(5))
+    assert mapped()
+    t.close()
+    assert not mapped()
+    t.close()  # a second close is a no-op
 
 
 @pytest.mark.parametrize("prefetch", [False, True])
