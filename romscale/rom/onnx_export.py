@@ -30,8 +30,9 @@ afford. Weights: fp32; int8 weight-only through ONNX Runtime's own MatMulNBits q
 symmetric, blocks of 32 along the input dimension; per-channel scales are the block-size = K
 case, which MatMulNBits does not offer for K = 576) with accuracy_level 4: activations quantised
 to int8 per block and integer dot products (VNNI), llama.cpp's q8_0 scheme. Why: with float compute
-(accuracy_level unset) ONNX Runtime 1.32 de-quantised the 8-bit weights at every step, 4.9 tok/s
-on SmolLM2-135M against 84-88 with level 4 (session 7's Xeon, 2 threads, 64 tokens); fp16 through
+(accuracy_level unset) ONNX Runtime 1.32 de-quantised the 8-bit weights at every step, 4.8 tok/s
+on SmolLM2-135M against 88.2 with level 4 (session 7's Xeon, 2 threads, 64 tokens:
+results/native_decode_cpu_int8.json and docs/native_runtime.md); fp16 through
 ONNX Runtime's float16 converter (inputs and outputs stay float32).
 """
 

@@ -31,7 +31,8 @@ def machine_line() -> str:
 def fast_bf16(device_type: str = "cpu") -> bool:
     """Whether bf16 autocast is likely to pay on `device_type`: always on an accelerator; on a CPU
     only with native bf16 matrix instructions (AVX512-BF16 or AMX). Without them autocast emulates
-    bf16 and ran 2.8x slower than fp32 (LoRA step on an Intel Xeon without AVX512-BF16, session 6)."""
+    bf16: a LoRA step ran 2.8x slower than in fp32 on an Intel Xeon without AVX512-BF16 (a hand
+    check, session 6)."""
     if device_type != "cpu":
         return True
     import torch
