@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/.whl/site:$PWD" ROMSCALE_CACHE=/tmp/r
 GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 OUTDIR="${OUT:-/tmp/out}"; mkdir -p "$OUTDIR"
 # `wait` and the report default to the shards that `run` started (their logs), else 4
-SHARDS="${SHARDS:-$(ls /tmp/shard-*.log 2>/dev/null | wc -l)}"; [ "$SHARDS" -gt 0 ] || SHARDS=4
+SHARDS="${SHARDS:-$(ls /tmp/shard-*.log 2>/dev/null | wc -l || true)}"; [ "$SHARDS" -gt 0 ] || SHARDS=4
 WORK=/tmp/abench
 
 report() {  # the results so far (every point already computed by a shard is reused)
