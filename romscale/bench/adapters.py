@@ -111,12 +111,17 @@ def plan(cfg: AdapterBenchmarkConfig, n_tasks: int) -> list[Point]:
     return pts
 
 
-def shard_points(points: list[Point], i: int, n: int) -> list[Point]:
-    """Shard i's points of n, round robin in plan order; D2C x HydraOpt goes with the D2C point whose
-    search (and state file) it reuses, so no two shards run one search."""
-    index = {p.id: j for j, p in enumerate(points)}
+def shard_points(points: list[Point], i: int, n: int, skip: frozenset[str] = frozenset()) -> list[Point]:
+    """Shard i's points of n, round robin in plan order over the points not in `skip` (those reused
+    from an earlier run: every shard derives the same set, and the work left is spread evenly);
+    D2C x HydraOpt goes with the D2C point whose search (and state file) it reuses, so no two shards
+    run one search. Skipped points stay with shard 0, which only copies them."""
+    todo = [p for p in points if p.id not in skip]
+    index = {p.id: j for j, p in enumerate(todo)}
 
     def owner(p: Point) -> int:
+        if p.id in skip:
+            return 0
         if p.method == "d2c_hydraopt":
             return index.get(Point("cluster/d2c-moved", k=p.k, seed=p.seed).id, index[p.id]) % n
         return index[p.id] % n
@@ -364,6 +369,18 @@ class AdapterBenchmark:
         info.pop("history", None)  # the full move history stays in the D2C state file
         return dict(part.assignment), info
 
+    def _d2c_partition(self, k: int, seed: int) -> tuple[dict[str, int], dict[str, Any]]:
+        """D2C-moved's clusters for D2C x HydraOpt: from that point's record when it is done or
+        reused (an earlier run's search is not repeated), else from the search (resumed from its
+        state file when there is one)."""
+        pid = Point("cluster/d2c-moved", k=k, seed=seed).id
+        file = self.out / "points" / f"{pid}.json"
+        rec = read_json(file, RomscaleError) if file.exists() else self._reused.get(pid)
+        part = (rec or {}).get("partition")
+        if isinstance(part, dict) and set(part) == set(self.names) and all(isinstance(c, int) for c in part.values()):
+            return dict(part), {"from_point": pid}
+        return self._partition("d2c-moved", k, seed)
+
     # -- points ----------------------------------------------------------------------------------
     def _compute(self, p: Point) -> dict[str, Any]:
         lib = self.library
@@ -394,7 +411,7 @@ class AdapterBenchmark:
             extra["partition"] = part
             extra["clustering"] = info
         elif p.method == "d2c_hydraopt":
-            part, info = self._partition("d2c-moved", p.k, p.seed)
+            part, info = self._d2c_partition(p.k, p.seed)
             bundle = self._hydraopt_grouped(part, p.k)
             assignment = {t: bundle.task_adapter(t) for t in self.names}
             st = bundle.storage()
@@ -430,7 +447,7 @@ class AdapterBenchmark:
         self._setup(report_only)
         points = self.points
         if self.shard is not None:
-            points = shard_points(points, *self.shard)
+            points = shard_points(points, *self.shard, skip=frozenset(self._reused))
         done: list[dict[str, Any]] = []
         missing: list[str] = []
         for i, p in enumerate(points):

@@ -152,6 +152,53 @@ def test_shard_points_cover_the_plan_once_and_keep_d2c_hydraopt_with_its_search(
                 assert f"cluster-d2c-moved_k{p.k}_s{p.seed}" in mine
 
 
+def test_shard_points_spread_only_the_points_left_to_compute():
+    """With points reused from an earlier run, the rest is dealt round robin (not the whole plan:
+    one shard would get most of the work left); the reused ones stay with shard 0, which copies them."""
+    from romscale.bench.adapters import shard_points
+
+    pts = plan(AdapterBenchmarkConfig(bank="b", budgets=(2, 3), seeds={"d2c": 2, "random": 2}), 6)
+    skip = frozenset(p.id for j, p in enumerate(pts) if j % 3 != 2 and p.method != "d2c_hydraopt")
+    shards = [shard_points(pts, i, 3, skip=skip) for i in range(3)]
+    ids = [p.id for s in shards for p in s]
+    assert sorted(ids) == sorted(p.id for p in pts) and len(ids) == len(set(ids))
+    assert skip <= {p.id for p in shards[0]}
+    todo = [[p for p in s if p.id not in skip and p.method != "d2c_hydraopt"] for s in shards]
+    assert max(map(len, todo)) - min(map(len, todo)) <= 1 and min(map(len, todo)) >= 1
+    for s in shards:  # still with its search when that search is left to compute
+        mine = {p.id for p in s}
+        for p in s:
+            d2c = f"cluster-d2c-moved_k{p.k}_s{p.seed}"
+            if p.method == "d2c_hydraopt" and d2c not in skip:
+                assert d2c in mine
+
+
+def test_d2c_hydraopt_takes_the_clusters_of_a_reused_d2c_point(setup, run, cli, tmp_path):
+    """D2C x HydraOpt left to compute while its D2C point is reused: the recorded clusters are used
+    (the search is not rerun; the clusters here are doctored to tell them apart)."""
+    import copy
+    import shutil
+
+    root, cfg, names = setup
+    work = tmp_path / "w"
+    shutil.copytree(root / "work", work)
+    for f in (work / "points").iterdir():
+        f.unlink()
+    doc = copy.deepcopy(run)
+    doc["points"] = [p for p in doc["points"] if p["method"] != "d2c_hydraopt"]
+    d2c = next(p for p in doc["points"] if p["id"] == "cluster-d2c-moved_k2_s0")
+    d2c["partition"] = {t: int(j < 2) for j, t in enumerate(names)}
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    r = cli("adapters", "benchmark", str(cfg), "--out", str(work), "--reuse", str(tmp_path / "old.json"),
+            "--json", str(tmp_path / "new.json"))
+    assert r.exit_code == 0, r
+    by = {p["id"]: p for p in json.loads((tmp_path / "new.json").read_text())["points"]}
+    hyd = by["d2c_hydraopt_k2_s0"]
+    assert "reused_from" not in hyd and hyd["partition"] == d2c["partition"]
+    assert hyd["clustering"] == {"from_point": "cluster-d2c-moved_k2_s0"}
+    assert not list((work / "points").glob("*.state.json"))  # no search ran
+
+
 def test_sharded_processes_share_one_work_folder(setup, tmp_path):
     """Two shards at once (shard 1 waits for shard 0's folder and library, both wait for every
     adapter), then an unsharded run finds every point done and writes the results."""
