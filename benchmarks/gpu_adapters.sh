@@ -9,6 +9,9 @@
 #                                      # (`romscale adapters benchmark --shard i/SHARDS`, detached with
 #                                      # setsid, so they outlive the call), waits up to BUDGET_S
 #   benchmarks/gpu_adapters.sh wait    # no carry: waits up to BUDGET_S more
+#   benchmarks/gpu_adapters.sh hydra   # carry as for run: the shards train the library only, then
+#                                      # benchmarks/hydraopt_single.py runs on it (detached); waits up to
+#                                      # BUDGET_S; `wait` continues; results in $OUT/hydraopt_single_gpu.json
 # Env: SHARDS (processes), BUDGET_S, BUDGETS / TASKS (a shorter run), REUSE (an earlier results JSON
 # whose points are taken when the retrained library has the same bytes), MPS=1 (see `run`).
 # `run` and `wait` end by writing the results so far (`--report-only`: nothing is computed;
@@ -27,6 +30,7 @@ report() {  # the results so far (every point already computed by a shard is reu
     --png "$OUTDIR/adapters_benchmark_gpu.png" > "$OUTDIR/report.log" 2>&1 || tail -5 "$OUTDIR/report.log"
   for i in $(seq 0 $((SHARDS - 1))); do echo "== shard $i"; cat "/tmp/shard-$i.log" 2>/dev/null; done > "$OUTDIR/shards.log"
   tar czf "$OUTDIR/points.tgz" -C "$WORK" points 2>/dev/null || true
+  cp /tmp/hydraopt_single_gpu.json /tmp/hydra.log "$OUTDIR/" 2>/dev/null || true
   for a in /tmp/det/*/adapter_model.safetensors; do  # the determinism check of `run`, once both exist
     [ -f "$a" ] || continue
     b="$WORK/lib/$(basename "$(dirname "$a")")/adapter_model.safetensors"
@@ -36,13 +40,14 @@ report() {  # the results so far (every point already computed by a shard is reu
 
 wait_shards() {  # until every shard has exited or BUDGET_S seconds passed
   local end=$((SECONDS + ${BUDGET_S:-500}))
-  while [ $SECONDS -lt $end ] && pgrep -f "adapters benchmark /tmp/adapters-gpu.yaml" > /dev/null; do
+  while [ $SECONDS -lt $end ] && pgrep -f "adapters benchmark /tmp/adapters-gpu.yaml|hydraopt_single.py" > /dev/null; do
     sleep 20
     echo "$(date +%T) points: $(ls $WORK/points 2>/dev/null | grep -vc state || true) | adapters: $(ls -d $WORK/lib/*/ 2>/dev/null | wc -l)"
   done
 }
 
-case "${1:-run}" in
+MODE="${1:-run}"
+case "$MODE" in
   copy)
     cp .devcache/smol.gguf.part-aa /tmp/smol.gguf.part-aa && ls -la /tmp/smol.gguf.part-aa ;;
   part1)
@@ -51,7 +56,7 @@ case "${1:-run}" in
     python3 benchmarks/merge_device_check.py --device cuda --json "$OUTDIR/merge_device_gpu.json"
     # retraining reproduces the adapter bytes on CUDA (tiny model; needs pytest on the device)
     python3 -m pytest -q -p no:cacheprovider tests/adapters/test_adapters_train.py -k retraining 2>&1 | tail -3 | tee "$OUTDIR/determinism_tiny.txt" || true ;;
-  run)
+  run|hydra)
     if ! echo "$GGUF_SHA  /tmp/smol.gguf" | sha256sum -c --status - 2>/dev/null; then
       # joined beside, checked, then renamed: a failed join (part-aa missing on a fresh machine) leaves
       # no half file for the next call to trust
@@ -84,9 +89,11 @@ PY
       if command -v nvidia-cuda-mps-control > /dev/null && nvidia-cuda-mps-control -d; then echo "MPS: on" | tee -a "$OUTDIR/gpu.txt"
       else echo "MPS: not available, shards time-slice the GPU" | tee -a "$OUTDIR/gpu.txt"; fi
     fi
+    # hydra: no point starts after training (the shards exit once every adapter is there)
+    ONLY_TRAIN=""; [ "$MODE" = hydra ] && ONLY_TRAIN="--max-minutes 0.001"
     for i in $(seq 0 $((SHARDS - 1))); do
       (cd /tmp/repo && OMP_NUM_THREADS=$((16 / SHARDS)) PYTHONPATH="/tmp/repo/.whl/site:/tmp/repo" setsid nohup \
-        python3 -m romscale adapters benchmark /tmp/adapters-gpu.yaml --out "$WORK" --shard "$i/$SHARDS" ${REUSE:+--reuse "$REUSE"} \
+        python3 -m romscale adapters benchmark /tmp/adapters-gpu.yaml --out "$WORK" --shard "$i/$SHARDS" ${REUSE:+--reuse "$REUSE"} $ONLY_TRAIN \
         > "/tmp/shard-$i.log" 2>&1 < /dev/null &)
       if [ "$i" = 0 ]; then sleep 15; fi  # shard 0 makes the work folder; the others wait for it anyway
     done
@@ -95,6 +102,10 @@ PY
     (cd /tmp/repo && PYTHONPATH="/tmp/repo/.whl/site:/tmp/repo" setsid nohup bash -c "python3 -m romscale adapters train \
         --bank /tmp/bank --base smollm2-135m-instruct --out /tmp/det --tasks $first --rank 16 --alpha 32 --steps 120 \
         --lr 0.0005 --batch-size 16 --max-len 256 --bf16 --seed 0 --device cuda > /tmp/det.log 2>&1" < /dev/null > /dev/null 2>&1 &)
+    if [ "$MODE" = hydra ]; then  # [r]omscale: the pattern must not match this waiter's own command line
+      (cd /tmp/repo && PYTHONPATH="/tmp/repo/.whl/site:/tmp/repo" setsid nohup bash -c "while pgrep -f '[r]omscale adapters benchmark /tmp/adapters-gpu.yaml' > /dev/null; do sleep 5; done;
+        python3 benchmarks/hydraopt_single.py /tmp/adapters-gpu.yaml --work $WORK --json /tmp/hydraopt_single_gpu.json > /tmp/hydra.log 2>&1" < /dev/null > /dev/null 2>&1 &)
+    fi
     wait_shards; report ;;
   wait)
     wait_shards; report ;;

@@ -41,6 +41,7 @@ def collect_input_factors(
 
         return fn
 
+    device = next(model.parameters()).device  # the examples go where the model is (CPU or an accelerator)
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
     out: dict[str, dict[str, torch.Tensor]] = {}
     was_training = model.training
@@ -52,7 +53,7 @@ def collect_input_factors(
                 raise RomscaleError(f"task {task!r} has no examples")
             with torch.no_grad():
                 for ids in exs:
-                    model(input_ids=torch.as_tensor(list(ids), dtype=torch.long).unsqueeze(0))
+                    model(input_ids=torch.as_tensor(list(ids), dtype=torch.long, device=device).unsqueeze(0))
             out[task] = {n: _factor(g, max_rank) for n, g in grams.items()}
     finally:
         model.train(was_training)
@@ -65,4 +66,4 @@ def _factor(gram: torch.Tensor, max_rank: int) -> torch.Tensor:
     vals, vecs = torch.linalg.eigh(gram)
     vals, vecs = vals.flip(0)[:max_rank], vecs.flip(1)[:, :max_rank]
     keep = vals > vals[0].clamp_min(0) * 1e-12
-    return (vecs[:, keep] * vals[keep].sqrt()).T.float().contiguous()
+    return (vecs[:, keep] * vals[keep].sqrt()).T.float().cpu().contiguous()  # beside the adapters' factors

@@ -301,3 +301,29 @@ def test_reuse_needs_a_results_file(setup, cli, tmp_path):
     (tmp_path / "x.json").write_text("{}")
     assert_usage_error(cli("adapters", "benchmark", str(cfg), "--out", str(tmp_path / "w"), "--reuse", str(tmp_path / "x.json")),
                        "--reuse")
+
+
+def test_hydraopt_single_investigation_script_reproduces_the_benchmark_points(setup, run, tmp_path):
+    """benchmarks/hydraopt_single.py on the benchmark's work folder: its plain HydraOpt and TIES
+    rows score what the benchmark's points scored (same library, same examples), and the variants
+    are all there; the work folder is left as it was."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, cfg, _ = setup
+    before = sorted(p.name for p in (root / "work" / "points").iterdir())
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "hydraopt_single.py"
+    out = tmp_path / "h.json"
+    r = subprocess.run([sys.executable, str(script), str(cfg), "--work", str(root / "work"), "--json", str(out),
+                        "--n", "2", "--scales", "2", "--data-weights", "0.5", "--references", "ties"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    got = {v["variant"]: v["mean_score"] for v in doc["variants"]}
+    assert set(got) == {"ties", "hydraopt", "hydraopt, B x 2 (diagnosis)", "hydraopt, data-aware 0.5"}
+    by = {p["id"]: p for p in run["points"]}
+    single = min((p for p in run["points"] if p["method"] == "hydraopt"), key=lambda p: p["fraction"])
+    assert got["hydraopt"] == pytest.approx(single["mean_score"]) and got["ties"] == pytest.approx(by["merge-ties_s0"]["mean_score"])
+    assert doc["library_sha256"] == run["library"]["sha256"]
+    assert sorted(p.name for p in (root / "work" / "points").iterdir()) == before
