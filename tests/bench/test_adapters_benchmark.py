@@ -317,7 +317,7 @@ def test_hydraopt_single_investigation_script_reproduces_the_benchmark_points(se
     out = tmp_path / "h.json"
     r = subprocess.run([sys.executable, str(script), str(cfg), "--work", str(root / "work"), "--json", str(out),
                         "--n", "2", "--scales", "2", "--data-weights", "0.5", "--references", "ties"],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     doc = json.loads(out.read_text())
     got = {v["variant"]: v["mean_score"] for v in doc["variants"]}
