@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -86,8 +88,7 @@ def main() -> None:
         b = fit_hydraopt(lib, HydraOptConfig(storage=single, data_weight=lam), inputs=factors)
         score(f"hydraopt, data-aware {lam:g}", b.task_adapter(names[0]), fit_seconds=round(time.perf_counter() - t0, 1),
               collect_seconds=collect_s)
-    doc = {"command": "python benchmarks/hydraopt_single.py " + " ".join(f"{a}" for a in [args.config, "--work", args.work,
-                                                                                            "--json", args.json, "--n", args.n]),
+    doc = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),  # as typed, empty options too
            "machine": machine_line(), "tasks": names, "library_sha256": bench.lib_sha256,
            "split": cfg.split, "limit": cfg.limit, "n": args.n, "variants": rows}
     write_json_output(args.json, doc, kind="hydraopt-single-investigation", inputs=[args.config, args.work])

@@ -326,4 +326,5 @@ def test_hydraopt_single_investigation_script_reproduces_the_benchmark_points(se
     single = min((p for p in run["points"] if p["method"] == "hydraopt"), key=lambda p: p["fraction"])
     assert got["hydraopt"] == pytest.approx(single["mean_score"]) and got["ties"] == pytest.approx(by["merge-ties_s0"]["mean_score"])
     assert doc["library_sha256"] == run["library"]["sha256"]
+    assert "--data-weights 0.5 --references ties" in doc["command"]  # the command as run
     assert sorted(p.name for p in (root / "work" / "points").iterdir()) == before
