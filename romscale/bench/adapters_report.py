@@ -85,9 +85,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# Adapter library benchmark: mean task score vs storage ({results['machine']})",
         "",
-        f"{len(results['tasks'])} tasks, library {lib['adapters']} LoRAs = {lib['bytes']:,} bytes ({lib['dtype']}), "
-        f"{lib['params']:,} parameters. Score: mean over tasks of each task's metric (0-100); "
-        "mean +- std over seeds.",
+        (f"{len(results['tasks'])} tasks, library {lib['adapters']} LoRAs = {lib['bytes']:,} bytes ({lib['dtype']}), "
+         f"{lib['params']:,} parameters. Score: mean over tasks of each task's metric (0-100); "
+         "mean +- std over seeds."),
         "",
         "| method | K | storage (% bytes) | bytes | params | seeds | mean score |",
         "|---|---|---|---|---|---|---|",
@@ -126,14 +126,17 @@ def figure(results: dict[str, Any]):
         if r["method"] in REFERENCES:
             continue
         lines[r["label"] if r["method"] not in ("hydraopt", "d2c_hydraopt") else r["method"]].append(r)
-    for label, rs in sorted(lines.items()):
+    # matplotlib's default cycle has 10 colours and a full benchmark draws ~13 lines: a colour of
+    # tab20 and a marker each, so no two lines look alike
+    colours, markers = plt.get_cmap("tab20").colors, "osD^vP*Xph<>"
+    for i, (label, rs) in enumerate(sorted(lines.items())):
         rs.sort(key=lambda r: r["storage_pct_bytes"])
         ax.errorbar([r["storage_pct_bytes"] for r in rs], [r["mean"] for r in rs], yerr=[r["std"] for r in rs],
-                    marker="o", capsize=3, label=label)
+                    marker=markers[i % len(markers)], color=colours[(2 * i) % 20 + (i // 10) % 2], capsize=3, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("storage (% of the library's bytes, log scale)")
     ax.set_ylabel("mean task score (0-100)")
-    ax.set_title(f"{len(results['tasks'])} tasks, {results['machine']}")
+    ax.set_title(f"{len(results['tasks'])} tasks\n{results['machine']}", fontsize=9)  # machine names run long
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
