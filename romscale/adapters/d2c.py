@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -234,9 +235,11 @@ def _save_state(path: Path, tasks: list[str], cfg: D2CConfig, it: int, labels: l
 
 
 # ---- the search ---------------------------------------------------------------------------------
-def run_d2c(problem: ClusterProblem, cfg: D2CConfig, state: Path | str | None = None, progress: bool = False) -> D2CResult:
+def run_d2c(problem: ClusterProblem, cfg: D2CConfig, state: Path | str | None = None, progress: bool = False,
+            on_iteration: Callable[[int, D2CStats], None] | None = None) -> D2CResult:
     """Run D2C on `problem` (needs its merge and loss). With `state`, resume from that file when it
-    exists and keep it up to date; the final partition is the same as an uninterrupted run's."""
+    exists and keep it up to date; the final partition is the same as an uninterrupted run's.
+    `on_iteration(iterations_done, stats)` is called after every iteration (timing, logging)."""
     if problem.merge is None or problem.loss is None:
         raise RomscaleError("d2c needs the problem's merge and loss callables")
     tasks = list(problem.tasks)
@@ -315,6 +318,8 @@ def run_d2c(problem: ClusterProblem, cfg: D2CConfig, state: Path | str | None = 
                 stats.other_s += time.perf_counter() - t_start - (stats.merge_s + stats.loss_s - spent0)
                 t_start, spent0 = time.perf_counter(), stats.merge_s + stats.loss_s
                 _save_state(state, tasks, cfg, it, labels, start, rng, history, stats, ev, None)
+            if on_iteration is not None:
+                on_iteration(it, stats)
     finally:
         bar.close()
     stats.other_s += time.perf_counter() - t_start - (stats.merge_s + stats.loss_s - spent0)

@@ -2,7 +2,9 @@
 validation examples under an adapter, through one loaded base model (romscale.eval).
 
 - mode="factored" (default): the adapter goes into the AdapterSlot as factors (`slot.set`), and
-  every task asked for in one call is scored in shared batches (the adapter is the same);
+  every task asked for in one call is scored in shared batches (the adapter is the same) or, with
+  `share_prefix` (the default on a CPU), task by task with each task's common prompt prefix run
+  once (romscale.eval.prefix): on a CPU tokens cost, on an accelerator batches pay;
 - mode="plain": the reference path: the slot off, the adapter's dense update added to the base
   weights and removed again, one task at a time (`slot.merged_into_weights`).
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
+
+import torch
 
 from romscale.adapters.clusterers import LossFn
 from romscale.errors import RomscaleError
@@ -36,16 +40,20 @@ def loss_examples(bank: Any, tasks: Sequence[str], n: int, split: str = "val") -
 
 
 def model_loss(evaluator: Any, bank: Any, n: int = 10, mode: Mode = "factored", tasks: Sequence[str] | None = None,
-               split: str = "val") -> LossFn:
+               split: str = "val", share_prefix: bool | None = None) -> LossFn:
     """loss(tasks, adapter) -> [mean CE per task] on each task's first n `split` examples, for
     D2C's ClusterProblem. `evaluator` is a romscale.eval.generate.TaskEvaluator (its `.slot` is
-    used); `bank` a romscale.data.taskbank.TaskBank. Examples are read once, here."""
+    used); `bank` a romscale.data.taskbank.TaskBank. Examples are read once, here. `share_prefix`
+    (factored mode only; None: on when the evaluator runs on the CPU) runs each task's shared
+    prompt prefix once per call."""
     if mode not in ("factored", "plain"):
         raise RomscaleError(f"loss mode must be 'factored' or 'plain'; got {mode!r}")
     names = list(tasks) if tasks is not None else list(bank.names)
     examples = loss_examples(bank, names, n, split)
     task_of = {name: bank.task(name) for name in names}
     slot = evaluator.slot
+    if share_prefix is None:
+        share_prefix = getattr(evaluator, "device", torch.device("cpu")).type == "cpu"
 
     def items(which: Sequence[str]) -> list[tuple[Any, list]]:
         unknown = [t for t in which if t not in examples]
@@ -55,7 +63,7 @@ def model_loss(evaluator: Any, bank: Any, n: int = 10, mode: Mode = "factored", 
 
     def factored(which: list[str], adapter: LoraAdapter) -> list[float]:
         slot.set(adapter)
-        return list(evaluator.losses(items(which)))
+        return list(evaluator.losses(items(which), share_prefix=share_prefix))
 
     def plain(which: list[str], adapter: LoraAdapter) -> list[float]:
         slot.set(None)

@@ -164,6 +164,23 @@ def test_seeded():
     assert r1.history != r3.history
 
 
+def test_on_iteration_sees_every_iteration_with_running_counts(tmp_path):
+    n, k = 9, 3
+    seen = []
+    cb = lambda it, stats: seen.append((it, stats.loss_evals))  # noqa: E731
+    res = run_d2c(Synthetic(n).problem(_bank(n)), D2CConfig(k=k, iterations=25, seed=7), on_iteration=cb)
+    assert [it for it, _ in seen] == list(range(1, 26))
+    counts = [c for _, c in seen]
+    assert counts == sorted(counts) and counts[-1] > counts[0] > 0
+    assert res.history == run_d2c(Synthetic(n).problem(_bank(n)), D2CConfig(k=k, iterations=25, seed=7)).history
+    # a resumed run reports the iterations it runs, numbered from where it starts
+    state, seen2 = tmp_path / "s.json", []
+    run_d2c(Synthetic(n).problem(_bank(n)), D2CConfig(k=k, iterations=10, seed=7), state=state)
+    run_d2c(Synthetic(n).problem(_bank(n)), D2CConfig(k=k, iterations=25, seed=7), state=state,
+            on_iteration=lambda it, stats: seen2.append(it))
+    assert seen2 == list(range(11, 26))
+
+
 @pytest.mark.parametrize("accept,every", [("moved", 1), ("total", 3)])
 def test_resume_after_a_kill_gives_the_same_partition(tmp_path, accept, every):
     n, k, T = 10, 3, 90
@@ -322,11 +339,14 @@ def test_model_loss_factored_matches_plain(tiny_setup, tmp_path):
     merged = cluster_merger(adapters, "ties")(("t0", "t2"))
     seen = []
     real = ev.losses
-    ev.losses = lambda items: seen.append([(t.name, len(e)) for t, e in items]) or real(items)  # type: ignore[method-assign]
-    fact = model_loss(ev, tb, n=2)(["t0", "t2", "t1"], merged)
+    ev.losses = lambda items, share_prefix=False: (  # type: ignore[method-assign]
+        seen.append([(t.name, len(e)) for t, e in items]) or real(items, share_prefix=share_prefix))
+    fact = model_loss(ev, tb, n=2, share_prefix=False)(["t0", "t2", "t1"], merged)
     assert seen == [[("t0", 2), ("t2", 2), ("t1", 2)]]  # one call: the tasks batched under one adapter
+    assert model_loss(ev, tb, n=2)(["t0", "t2", "t1"], merged) == pytest.approx(fact, abs=1e-5)  # CPU: shared prefixes
+    seen.clear()
     plain = model_loss(ev, tb, n=2, mode="plain")(["t0", "t2", "t1"], merged)
-    assert seen[1:] == [[("t0", 2)], [("t2", 2)], [("t1", 2)]]  # plain: one task at a time
+    assert seen == [[("t0", 2)], [("t2", 2)], [("t1", 2)]]  # plain: one task at a time
     assert fact == pytest.approx(plain, abs=1e-4)
     ev.slot.set(None)
     zero_shot = real([(tb.task("t0"), tb.task("t0").examples("val", 2))])

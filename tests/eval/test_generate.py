@@ -20,6 +20,7 @@ from romscale.eval.prompting import (
     end_token_id,
     render_prompt,
 )
+from romscale.eval.prefix import shared_prefix_len
 from romscale.eval.slot import AdapterSlot
 
 WORDS = "the cat sat on a mat and then ran off to see her old friend who lives by the river".split()
@@ -178,6 +179,9 @@ def test_losses_equal_hf_labels_forward(bank, tiny_llama, lib4, tok_kind):
     ref = [_hf_loss(ref_model, tok, t, exs) for t, exs in items]
     assert got == pytest.approx(ref, rel=1e-5, abs=1e-5)
     assert ev.losses(items[1:2]) == pytest.approx(got[1:2], rel=1e-6)  # independent of what else is in the batch
+    enc = [encode_example(tok, a, ex, 512) for ex in a.examples("val")]
+    assert shared_prefix_len([e[0] for e in enc], [e[1] for e in enc]) >= 3  # the template is a real shared prefix
+    assert ev.losses(items, share_prefix=True) == pytest.approx(ref, rel=1e-5, abs=1e-5)
     ev.bf16 = True
     assert ev.losses(items) == pytest.approx(ref, rel=0.05)
     with pytest.raises(ValueError, match="no examples"):
