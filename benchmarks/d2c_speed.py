@@ -12,7 +12,7 @@ that they end in the same partition and prints the wall-time ratio (measured in 
 also after every --every iterations: caches pay off more as T grows.
 
     python benchmarks/d2c_speed.py --lib runs/adapters-cpu16/lib --bank runs/bank --tasks cpu-16 \
-        --k 4 --iterations 300 --json results/d2c_speed_cpu16_k4.json
+        --k 4 --iterations 200 --every 25 --json results/d2c_speed_cpu16_k4.json
 """
 
 from __future__ import annotations
