@@ -66,9 +66,9 @@ def main() -> None:
     p_exact = exact @ exact.transpose(1, 2)
     out["subspace"] = []
     for tol in (1e-10, 1e-8, 1e-6):
-        res: list[torch.Tensor] = []
-        sec = timed(lambda: res.append(top_eigenvectors(G, k, method="subspace", tol=tol)))
-        X = res[0]
+        t0 = time.perf_counter()
+        X = top_eigenvectors(G, k, method="subspace", tol=tol)
+        sec = time.perf_counter() - t0
         out["subspace"].append({"tol": tol, "s": sec, "projector_max_abs_diff": float((X @ X.transpose(1, 2) - p_exact).abs().max())})
     for key, v in out.items():
         print(f"{key:28s} {v}")
