@@ -267,7 +267,7 @@ def bench_decode_cmd(
                                 "(dense and MeKi) next to llama.cpp and HF eager, on the packaged SmolLM2 weights "
                                 "(--min-pairs paired rounds, no stop rule)"),
     weights: str = typer.Option("fp32", help="with --runtime onnxruntime: fp32 | fp16 | int8 (llama.cpp: f32 | f16 | q8_0)"),
-    anchor: bool = typer.Option(True, help="with --runtime onnxruntime: the llama.cpp arm (pip install 'romscale[bench]')"),
+    anchor: bool = typer.Option(True, help="with --runtime onnxruntime: the llama.cpp arm (pip install 'romscale\\[bench]')"),
     work: Optional[Path] = typer.Option(None, help="with --runtime onnxruntime: folder for the exports, the bundle and the "
                                         "GGUF, reused between runs (default: in the romscale cache)"),
 ) -> None:
