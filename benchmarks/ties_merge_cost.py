@@ -24,8 +24,11 @@ from romscale.adapters.factors import truncate_dense
 from romscale.adapters.library import load_library
 from romscale.adapters.merge import MergeOptions
 from romscale.adapters.ties_sums import IncrementalTies
+from romscale.errors import RomscaleError
 from romscale.utils.machine import machine_line
-from romscale.utils.outputs import write_json_output
+from romscale.utils.outputs import check_target, write_json_output
+
+KIND = "ties-merge-cost"
 
 
 def timed(fn) -> float:
@@ -41,11 +44,20 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
-    lib = load_library(args.lib)
-    names, m = lib.names, args.members
-    if len(names) < m + 1:
-        print(f"error: --lib {args.lib}: needs at least {m + 1} adapters, has {len(names)}", file=sys.stderr)
+    try:
+        if args.json:
+            check_target(args.json, kind=KIND, overwrite=True, is_file=True, what="--json")  # before the work
+        lib = load_library(args.lib)
+        if len(lib.names) < args.members + 1:
+            raise RomscaleError(f"--lib {args.lib}: needs at least {args.members + 1} adapters, has {len(lib.names)}")
+        measure(args, lib)
+    except RomscaleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def measure(args: argparse.Namespace, lib) -> None:
+    names, m = lib.names, args.members
     inc = IncrementalTies(lib, MergeOptions(density=0.5, seed=0))
     for i in range(len(names)):  # every task trimmed once, as in D2C's steady state
         inc.trimmed(i)
@@ -57,6 +69,8 @@ def main() -> None:
     out["truncate_all_modules_s"] = timed(lambda: [truncate_dense(x, args.rank) for x in dense.values()])
     big = [x.double() for x in dense.values() if min(x.shape) >= 4 * args.rank and x.shape[0] == x.shape[1]]
     out["square_modules"] = len(big)
+    if not big:
+        raise RomscaleError(f"--lib {args.lib}: no square module of at least {4 * args.rank} x {4 * args.rank} to time the eigensolvers on")
     grams: list[torch.Tensor] = []
     out["grams_s"] = timed(lambda: grams.extend(x @ x.T for x in big))
     n, k = grams[0].shape[0], args.rank
@@ -75,7 +89,7 @@ def main() -> None:
     if args.json:
         write_json_output(args.json, {"command": shlex.join(["python", *sys.argv]), "machine": machine_line(),
                                       "library": str(args.lib), "members": m, "rank": args.rank, **out},
-                          kind="ties-merge-cost", overwrite=True, what="TIES merge cost")
+                          kind=KIND, overwrite=True, what="TIES merge cost")
 
 
 if __name__ == "__main__":
