@@ -3,11 +3,13 @@
 
 Per step the host knows the new token ids first (the prompt, or the token just sampled), reads
 exactly their rows from the mmap'd table (each row checked against its CRC as it is read,
-romscale.rom.table), and runs the program once. There is nothing to overlap the read with: the
-program's first layer needs the rows, and the id is known only when the previous step ended; a
-row is one contiguous read of layers x d_mem values (4,320 bytes + a 4-byte CRC at SmolLM2 d_mem 72, fp16), served by
-the page cache after its first touch. The KV cache stays in ONNX Runtime's own buffers between
-steps (I/O binding), never copied through numpy.
+romscale.rom.table; numpy only, no torch op per step), and runs the program once. There is nothing
+to overlap the read with: the program's first layer needs the rows, and the id is known only when
+the previous step ended. A row is one contiguous read of layers x d_mem values (4,320 bytes + a
+4-byte CRC at SmolLM2 d_mem 72, fp16); the reader asks for all of its pages at once
+(MADV_WILLNEED), so a cold row is one storage read, not one per page, and the page cache serves it
+after its first touch. The KV cache stays in ONNX Runtime's own buffers between steps (I/O
+binding), never copied through numpy.
 """
 
 from __future__ import annotations
@@ -123,11 +125,9 @@ class OrtDecoder:
         self.tables = {}
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:
-        import torch
-
-        rows = self.table.rows(torch.from_numpy(ids), torch.float32)  # [B, T, layers, d_mem], CRC-checked
+        rows = self.table.rows_np(ids)  # [B, T, layers, d_mem] float32, CRC-checked
         self.row_bytes_read += ids.size * self.table.row_bytes
-        return rows.numpy().reshape(ids.shape[0], ids.shape[1], -1)
+        return rows.reshape(ids.shape[0], ids.shape[1], -1)
 
     def _empty_cache(self, batch: int):
         import onnxruntime as ort
@@ -149,11 +149,9 @@ class OrtDecoder:
         if self.table is not None:
             io.bind_cpu_input("rows", self._rows(ids))
         for name, table in self.tables.items():
-            import torch
-
-            rows = table.rows(torch.from_numpy(ids), torch.float32)  # [B, T, layers, width], CRC-checked
+            rows = table.rows_np(ids)  # [B, T, layers, width] float32, CRC-checked
             self.row_bytes_read += ids.size * table.row_bytes
-            io.bind_cpu_input(name, rows.numpy().reshape(ids.shape[0], ids.shape[1], -1))
+            io.bind_cpu_input(name, rows.reshape(ids.shape[0], ids.shape[1], -1))
         for name in ("logits", "present_k", "present_v"):
             io.bind_output(name, "cpu")
         session.run_with_iobinding(io)

@@ -5,6 +5,7 @@ import struct
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,6 +49,26 @@ def test_bundle_matches_the_folded_model(tmp_path, folded, ids, dtype, tol):
     rel = ((rows - table).norm() / table.norm()).item()
     assert rel < {"fp16": 1e-3, "bf16": 1e-2, "int8": 1e-2}[dtype]
     b.close()
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "int8"])
+def test_numpy_rows_are_the_stored_values_widened_to_fp32(tmp_path, folded, dtype):
+    """rows_np (the native host's read) decodes each stored dtype exactly: the values the file
+    holds, widened to float32 (int8 times its fp16 scale), in the ids' shape."""
+    t = RomTable(export_bundle(folded, tmp_path / dtype, dtype=dtype))
+    ids = np.array([[3, 95, 3], [0, 7, 50]])
+    got = t.rows_np(ids)
+    assert got.dtype == np.float32 and got.shape == (2, 3, 2, 8)
+    from safetensors.torch import load_file
+
+    stored = load_file(str(t.path))  # torch widens bf16 / fp16 / int8 to fp32 exactly
+    want = stored["table"].float().numpy().reshape(96, 2, 8)
+    if dtype == "int8":
+        want = want * stored["scales"].float().numpy()[..., None]
+    np.testing.assert_array_equal(got, want[ids])
+    assert torch.equal(t.rows(torch.from_numpy(ids)), torch.from_numpy(got))
+    assert t.rows_np(np.zeros((1, 0), np.int64)).shape == (1, 0, 2, 8)
+    t.close()
 
 
 def test_table_layout_is_token_major_and_sizes_are_exact(bundle_dir):
