@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from romscale.errors import RomscaleError
-from romscale.rom.pagecache import drop_file_cache
 from romscale.rom.table import RomTable
 from romscale.utils.machine import machine_line
 from romscale.utils.outputs import check_target, write_json_output
@@ -31,7 +30,7 @@ def median_us(fn, batches: list[np.ndarray], cold: RomTable | None = None) -> fl
     times = []
     for ids in batches:
         if cold is not None:
-            drop_file_cache(cold.path)
+            cold.drop_cache()
         t0 = time.perf_counter()
         fn(ids)
         times.append(time.perf_counter() - t0)
@@ -67,8 +66,6 @@ def main() -> None:
 
 def measure(table: RomTable, calls: int) -> dict[str, float]:
     rng = np.random.default_rng(0)
-    # every cold call reads ids never read before: a page this process has mapped once stays resident
-    # (the page-cache drop skips mapped pages), so reused ids would be warm
     fresh = iter(rng.permutation(table.vocab_size).tolist())
     one = [np.array([[next(fresh)]]) for _ in range(calls)]
     advised = table._prefetch

@@ -250,10 +250,11 @@ def rehome_weights(model):
     return model
 
 
-def _touched_bytes(ids: torch.Tensor, manifest: dict[str, Any]) -> int:
+def _touched_bytes(ids: torch.Tensor, manifest: dict[str, Any], checksums: bool = True) -> int:
     """Bytes of the table file's whole pages that reading the rows of the distinct tokens in `ids`
     touches: each token's row of every per-token tensor (table, int8 scales), and all of the row
-    checksums ("row_crc32"), which opening the table reads and checks in full."""
+    checksums ("row_crc32"), which opening the table reads and checks in full (`checksums=False`:
+    for a reader whose cache was dropped after the open, which keeps its own copy of them)."""
     pages: set[int] = set()
 
     def span(start: int, stop: int) -> None:
@@ -263,7 +264,8 @@ def _touched_bytes(ids: torch.Tensor, manifest: dict[str, Any]) -> int:
     for name, e in manifest["tensors"].items():
         base = manifest["header_bytes"] + e["data_offsets"][0]
         if name == "row_crc32":
-            span(base, manifest["header_bytes"] + e["data_offsets"][1])
+            if checksums:
+                span(base, manifest["header_bytes"] + e["data_offsets"][1])
             continue
         for tok in toks:
             span(base + tok * e["row_bytes"], base + (tok + 1) * e["row_bytes"])
@@ -362,7 +364,6 @@ def bench_decode(cfg: DecodeBenchConfig, workdir: Path | None = None, log=print)
         torch.set_num_threads(cfg.threads)
     tmp = tempfile.TemporaryDirectory(prefix="romscale-bench-", dir=workdir)
     bundle_dir = Path(tmp.name) / "bundle"
-    table_file = bundle_dir / TABLE_FILE
     try:
         log(f"building and exporting {cfg.preset} with d_mem={cfg.d_mem} ({cfg.table_dtype} table) ...")
         folded = fold(_build(cfg, "meki"))
@@ -379,7 +380,7 @@ def bench_decode(cfg: DecodeBenchConfig, workdir: Path | None = None, log=print)
             arms["unfolded"] = unfolded
         # "meki" is the warm arm: the cache is dropped once, before the warm-up, which reads the
         # prompt's rows from storage; every timed run then finds the rows it reads cached.
-        drop_file_cache(table_file)
+        bundle.table.drop_cache()
         for model in arms.values():  # warm-up (allocator, first-call paths)
             _timed(model, prompt, 4)
         warm = _series(
@@ -390,9 +391,9 @@ def bench_decode(cfg: DecodeBenchConfig, workdir: Path | None = None, log=print)
         if cfg.cold_rounds:
             cold_arms = {"dense": dense, "dense_fused": dense_fused, "meki_cold": bundle.model}
 
-            def drop_before_meki(name: str) -> None:
+            def drop_before_meki(name: str, table=bundle.table) -> None:
                 if name == "meki_cold":  # after rehome_weights, right before the timed run
-                    drop_file_cache(table_file)
+                    table.drop_cache()  # the pages this reader mapped too
 
             cold = _series(
                 cold_arms, list(cold_arms), [("meki_cold", "dense"), ("meki_cold", "dense_fused")], cfg, prompt,

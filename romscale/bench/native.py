@@ -113,6 +113,15 @@ def prepare(cfg: NativeBenchConfig, work: Path, log=print) -> dict[str, Path]:
             requantize_gguf(packaged_gguf(cfg.model), gguf, GGUF_PRECISION[cfg.weights])
         paths["gguf"] = gguf
     paths["hf"] = src
+    if cfg.meki:
+        from romscale.rom.pagecache import drop_file_cache
+        from romscale.rom.table import TABLE_FILE
+
+        # A table written (or hashed) moments ago sits in the page cache in large folios (up to 2 MiB
+        # on recent kernels), and a folio one row of which a decoder has mapped can no longer be
+        # dropped: each touched row then held ~2 MiB resident (45x the touched rows, session 12).
+        # Dropped here, while nothing maps it, the rows come back from storage one page at a time.
+        drop_file_cache(paths["bundle"] / TABLE_FILE)
     return paths
 
 
@@ -175,16 +184,20 @@ def _hf_greedy(model: Any, p: np.ndarray, n: int) -> tuple[list[int], float, flo
 
 def _probe(kind: str, path: str, prompt: list[int], n: int, threads: int, queue) -> None:
     """In a fresh process: load one native arm, generate, report resident memory."""
+    from romscale.rom.onnx_export import read_native
     from romscale.rom.ort_runtime import OrtDecoder
     from romscale.rom.pagecache import drop_file_cache, rss_anon_bytes, rss_bytes
 
     try:
+        bundle = read_native(path).get("bundle")
+        if bundle:  # before anything maps the table, every page of it can go (see prepare)
+            drop_file_cache(Path(bundle["path"]) / bundle["table"])
         dec = OrtDecoder(path, threads=threads)
         p = np.asarray([prompt], np.int64)
         dec.generate(p, max_new_tokens=4)  # warm: ORT's arenas reach their size
         after_drop = None
         if dec.table is not None:
-            drop_file_cache(dec.table.path)
+            dec.table.drop_cache()
             # pages another mapping holds cannot be dropped and would count as this run's: reported
             after_drop = dec.table.resident_bytes()
         before = rss_anon_bytes()
@@ -197,11 +210,12 @@ def _probe(kind: str, path: str, prompt: list[int], n: int, threads: int, queue)
             from romscale.bench.decode import _touched_bytes
 
             ids = np.unique(np.concatenate([p[0], r.tokens[0]]))
-            # touched: the whole pages holding the rows read (and the row checksums, read at open),
-            # as the PyTorch runtime's benchmark counts them; rows_bytes: the rows' own bytes
+            # touched: the whole pages holding the rows read, as the PyTorch runtime's benchmark counts
+            # them (not the row checksums: read once at open into RAM, their pages went with the drop
+            # after the warm-up); rows_bytes: the rows' own bytes
             out.update(table_bytes=dec.table.table_bytes, table_resident_bytes=dec.table.resident_bytes(),
                        table_resident_after_drop_bytes=after_drop,
-                       touched_rows_bytes=_touched_bytes(torch.from_numpy(ids), dec.table.manifest),
+                       touched_rows_bytes=_touched_bytes(torch.from_numpy(ids), dec.table.manifest, checksums=False),
                        rows_bytes=int(ids.size) * dec.table.row_bytes, distinct_tokens=int(ids.size),
                        row_bytes_per_token=dec.table.row_bytes)
         dec.close()
@@ -210,10 +224,11 @@ def _probe(kind: str, path: str, prompt: list[int], n: int, threads: int, queue)
         queue.put({"error": repr(exc)})
 
 
-def _probe_in_child(kind: str, path: Path, prompt: list[int], n: int, threads: int) -> dict[str, Any]:
+def _in_child(target, *args) -> dict[str, Any]:
+    """Run target(*args, queue) in a fresh (spawned) process and return what it put on the queue."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    proc = ctx.Process(target=_probe, args=(kind, str(path), prompt, n, threads, q))
+    proc = ctx.Process(target=target, args=(*args, q))
     proc.start()
     import queue as queue_mod
 
@@ -223,14 +238,13 @@ def _probe_in_child(kind: str, path: Path, prompt: list[int], n: int, threads: i
             break
         except queue_mod.Empty:
             if not proc.is_alive():
-                out = {"error": f"the memory probe process exited with code {proc.exitcode} without a report"}
+                out = {"error": f"the child process exited with code {proc.exitcode} without a report"}
                 break
     proc.join()
     return out
 
 
 def bench_native(cfg: NativeBenchConfig, work: Path, log=print) -> dict[str, Any]:
-    from romscale.rom.pagecache import drop_file_cache
     from tqdm.auto import tqdm
 
     if cfg.weights not in GGUF_PRECISION:
@@ -255,7 +269,7 @@ def bench_native(cfg: NativeBenchConfig, work: Path, log=print) -> dict[str, Any
             for name in round_order(list(by_name), r):
                 a = by_name[name]
                 if a.table is not None:
-                    drop_file_cache(a.table.path)  # the table comes from storage on every run
+                    a.table.drop_cache()  # the table comes from storage on every run
                 _, t_first, t_decode = a.run(prompt, cfg.new_tokens)
                 speeds[name].append((cfg.new_tokens - 1) / t_decode)
                 ttft[name].append(t_first)
@@ -272,6 +286,9 @@ def bench_native(cfg: NativeBenchConfig, work: Path, log=print) -> dict[str, Any
         ratios["ort MeKi / ort dense"] = paired_ratio_ci(speeds["ort MeKi"], speeds["ort dense"])
     if lockstep is not None:
         ratios["ort MeKi / ort dense (lockstep)"] = paired_ratio_ci(lockstep["ort MeKi"], lockstep["ort dense"])
+        for order, part in lockstep["by_open_order"].items():
+            if part["ratio"] is not None:  # each half alone: how much the opening order moves it
+                ratios[f"ort MeKi / ort dense (lockstep, {order})"] = part["ratio"]
     ll = next((n for n in names if n.startswith("llama.cpp")), None)
     if ll:
         ratios[f"ort dense / {ll}"] = paired_ratio_ci(speeds["ort dense"], speeds[ll])
@@ -290,7 +307,7 @@ def bench_native(cfg: NativeBenchConfig, work: Path, log=print) -> dict[str, Any
                 "memory": {}, "targets": targets, "paths": {k: str(v) for k, v in paths.items()},
                 "threads": cfg.threads, "cpu_count": os.cpu_count()}
     log("memory probes (fresh processes) ...")
-    memory = {k: _probe_in_child(k, paths[k], prompt[0].tolist(), cfg.memory_tokens, cfg.threads) for k in ("dense", "meki")}
+    memory = {k: _in_child(_probe, k, paths[k], prompt[0].tolist(), cfg.memory_tokens, cfg.threads) for k in ("dense", "meki")}
     m = memory["meki"]
     for key, name in (("ort MeKi / ort dense", "meki_ge_0.97x_dense"), ("ort MeKi / ort dense (lockstep)", "meki_ge_0.97x_dense_lockstep")):
         if key in ratios:
@@ -315,37 +332,72 @@ def bench_native(cfg: NativeBenchConfig, work: Path, log=print) -> dict[str, Any
             "threads": cfg.threads, "cpu_count": os.cpu_count()}
 
 
-def _lockstep(cfg: NativeBenchConfig, paths: dict[str, Path], prompt: np.ndarray) -> dict[str, list[float]]:
+LOCKSTEP_ARMS = ("ort dense", "ort MeKi")
+
+
+def _lockstep(cfg: NativeBenchConfig, paths: dict[str, Path], prompt: np.ndarray) -> dict[str, Any]:
     """ORT dense and ORT MeKi decoded token by token in alternation (which goes first alternates per
     round), each step timed on its own: drift of the machine (clock, other processes) hits both arms
     at the same tokens, so the per-round ratio is much tighter than that of whole runs one after the
-    other. Returns each arm's decode tok/s per round (the prefill step is left out, as in the runs)."""
-    from romscale.rom.ort_runtime import OrtDecoder
-    from romscale.rom.pagecache import drop_file_cache
+    other. Returns each arm's decode tok/s per round (the prefill step is left out, as in the runs).
 
-    # spin=False: with spinning on, the idle threads of one session spun while the other ran and
-    # halved both arms' speed (13.5 vs 25.8 tok/s per arm in an 8-round check here)
-    decs = {k: OrtDecoder(paths[p], threads=cfg.threads, spin=False) for k, p in (("ort dense", "dense"), ("ort MeKi", "meki"))}
-    out: dict[str, list[float]] = {k: [] for k in decs}
+    Half of the rounds run in a fresh process that opens the dense decoder first, half in one that
+    opens the MeKi decoder first. Why: in one process the decoder opened second decoded ~1 % faster,
+    whichever it was (12-round checks on the 2-core AMD EPYC: MeKi / dense 0.969-0.978 with the dense
+    decoder opened first, 0.945-0.957 with MeKi first; likewise with a throw-away decoder opened
+    before both, with huge pages, and with a shared thread pool), so a fixed order biases the ratio.
+    """
+    first = (cfg.rounds + 1) // 2
+    out: dict[str, Any] = {k: [] for k in LOCKSTEP_ARMS}
+    out["by_open_order"] = {}
+    for order, rounds in ((LOCKSTEP_ARMS, first), (LOCKSTEP_ARMS[::-1], cfg.rounds - first)):
+        if rounds == 0:
+            continue
+        got = _in_child(_lockstep_child, {k: str(paths["dense" if k == "ort dense" else "meki"]) for k in order},
+                        prompt.tolist(), rounds, cfg.new_tokens, cfg.threads)
+        if "error" in got:
+            raise RomscaleError(f"the lockstep run ({order[0]} opened first) failed: {got['error']}")
+        for k in LOCKSTEP_ARMS:
+            out[k] += got[k]
+        out["by_open_order"][f"{order[0]} opened first"] = {
+            **{k: got[k] for k in LOCKSTEP_ARMS},
+            "ratio": paired_ratio_ci(got["ort MeKi"], got["ort dense"]) if rounds > 1 else None}
+    return out
+
+
+def _lockstep_child(folders: dict[str, str], prompt: list[list[int]], rounds: int, new_tokens: int, threads: int,
+                    queue) -> None:
+    """In a fresh process: open the decoders in the order of `folders`, then `rounds` lockstep rounds."""
+    from romscale.rom.ort_runtime import OrtDecoder
+
+    decs: dict[str, Any] = {}
     try:
+        p = np.asarray(prompt, np.int64)
+        # spin=False: with spinning on, the idle threads of one session spun while the other ran and
+        # halved both arms' speed (13.5 vs 25.8 tok/s per arm in an 8-round check on session 6's Xeon)
+        for k, folder in folders.items():
+            decs[k] = OrtDecoder(folder, threads=threads, spin=False)
+        out: dict[str, list[float]] = {k: [] for k in decs}
         for d in decs.values():  # warm-up
-            list(d.greedy_steps(prompt, 4))
-        for r in range(cfg.rounds):
-            drop_file_cache(decs["ort MeKi"].table.path)
+            list(d.greedy_steps(p, 4))
+        for r in range(rounds):
+            decs["ort MeKi"].table.drop_cache()
             order = round_order(list(decs), r)
-            gens = {k: decs[k].greedy_steps(prompt, cfg.new_tokens) for k in order}
+            gens = {k: decs[k].greedy_steps(p, new_tokens) for k in order}
             total = {k: 0.0 for k in order}
-            for i in range(cfg.new_tokens):
+            for i in range(new_tokens):
                 for k in order:
                     _, dt = next(gens[k])
                     if i > 0:
                         total[k] += dt
             for k in order:
-                out[k].append((cfg.new_tokens - 1) / total[k])
+                out[k].append((new_tokens - 1) / total[k])
+        queue.put(out)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which must not hang
+        queue.put({"error": repr(exc)})
     finally:
         for d in decs.values():
             d.close()
-    return out
 
 
 def native_table(result: dict[str, Any], title: str):
@@ -370,7 +422,6 @@ def quick_native_speed(dense: Any, meki_folded: Any, work: Path, *, new_tokens: 
 
     from romscale.rom.onnx_export import export_native
     from romscale.rom.ort_runtime import OrtDecoder
-    from romscale.rom.pagecache import drop_file_cache
     from romscale.rom.runtime import export_bundle, load_bundle
 
     bundle = export_bundle(meki_folded, work / "bundle", dtype="fp16")
@@ -397,7 +448,7 @@ def quick_native_speed(dense: Any, meki_folded: Any, work: Path, *, new_tokens: 
                     _, _, dt = _hf_greedy(dense, prompt, new_tokens)
                 else:
                     if decs[name].table is not None:
-                        drop_file_cache(decs[name].table.path)
+                        decs[name].table.drop_cache()
                     dt = decs[name].generate(prompt, max_new_tokens=new_tokens).decode_s
                 speeds[name].append((new_tokens - 1) / dt)
     finally:

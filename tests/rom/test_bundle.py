@@ -1,6 +1,7 @@
 """Deploy bundles: export, the storage-backed runtime, the fused decode path, and every bad bundle."""
 
 import json
+import os
 import struct
 
 from pathlib import Path
@@ -82,6 +83,44 @@ def test_table_layout_is_token_major_and_sizes_are_exact(bundle_dir):
     assert int8.table_bytes * 2 == t.table_bytes  # half the size of fp16
     assert int8.row_bytes == 16 + 2 * 2 + 4  # int8 row + one fp16 scale per layer + CRC-32
     int8.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_drop_cache_makes_rows_this_reader_read_cold_again(tmp_path, folded):
+    """drop_cache evicts the pages of rows the open reader has already mapped; dropping the file's
+    cache alone leaves them resident (mapped pages cannot be evicted)."""
+    import mmap as mmap_mod
+
+    from romscale.rom.pagecache import drop_file_cache
+
+    t = RomTable(export_bundle(folded, tmp_path / "b", dtype="fp16"))
+    probe = tmp_path / "probe.bin"  # can this filesystem evict at all? (tmpfs cannot)
+    probe.write_bytes(b"x" * mmap_mod.PAGESIZE)
+    with probe.open("rb") as f:
+        os.fsync(f.fileno())
+    drop_file_cache(probe)
+    t.rows_np(np.array([[5]]))
+    assert t.resident_bytes() > 0
+    drop_file_cache(t.path)
+    if t.resident_bytes() == 0:
+        t.close()
+        pytest.skip("the file's pages were not mapped-resident here")
+    assert t.resident_bytes() > 0  # the reader's mapped pages survived the plain drop
+    t.drop_cache()
+    resident = t.resident_bytes()
+    t.close()
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        m = mmap_mod.mmap(fd, 0, access=mmap_mod.ACCESS_READ)
+        from romscale.rom.pagecache import resident_bytes
+
+        evictable = resident_bytes(m) == 0
+        m.close()
+    finally:
+        os.close(fd)
+    if not evictable:
+        pytest.skip("this filesystem keeps dropped pages (tmpfs?)")
+    assert resident == 0
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")

@@ -373,7 +373,12 @@ def test_meki_native_bench_on_a_tiny_model_pairs_runs_and_lockstep_steps(tmp_pat
                             llamacpp=False, hf_eager=False)
     r = bench_native(cfg, tmp_path / "work", log=lambda *_: None)
     assert set(r["arms"]) == {"ort dense", "ort MeKi"}
-    assert {len(v) for v in r["lockstep_tok_s"].values()} == {2}
+    lock = r["lockstep_tok_s"]
+    assert len(lock["ort dense"]) == len(lock["ort MeKi"]) == 2
+    # one round in a process that opened the dense decoder first, one in a process that opened MeKi first
+    by = lock["by_open_order"]
+    assert set(by) == {"ort dense opened first", "ort MeKi opened first"}
+    assert sorted(by["ort dense opened first"]["ort MeKi"] + by["ort MeKi opened first"]["ort MeKi"]) == sorted(lock["ort MeKi"])
     assert r["ratios"]["ort MeKi / ort dense (lockstep)"]["n"] == 2
     assert {"meki_ge_0.97x_dense", "meki_ge_0.97x_dense_lockstep", "table_residency_le_2x_touched"} <= set(r["targets"])
 
