@@ -73,7 +73,7 @@ def measure(table: RomTable, calls: int) -> dict[str, float]:
     def no_advice(ids: list[int]) -> None:  # the reader before the advice: each page faults on its own
         return None
 
-    out = {"warm_1_token_torch": median_us(lambda i: table.rows(torch.from_numpy(i)), [one[0]] * calls),
+    out = {"warm_1_token_rows_torch": median_us(lambda i: table.rows(torch.from_numpy(i)), [one[0]] * calls),
            "warm_1_token_numpy": median_us(table.rows_np, [one[0]] * calls)}
     for label, prefetch in (("advised", advised), ("unadvised", no_advice)):
         table._prefetch = prefetch
