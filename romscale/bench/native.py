@@ -113,15 +113,6 @@ def prepare(cfg: NativeBenchConfig, work: Path, log=print) -> dict[str, Path]:
             requantize_gguf(packaged_gguf(cfg.model), gguf, GGUF_PRECISION[cfg.weights])
         paths["gguf"] = gguf
     paths["hf"] = src
-    if cfg.meki:
-        from romscale.rom.pagecache import drop_file_cache
-        from romscale.rom.table import TABLE_FILE
-
-        # A table written (or hashed) moments ago sits in the page cache in large folios (up to 2 MiB
-        # on recent kernels), and a folio one row of which a decoder has mapped can no longer be
-        # dropped: each touched row then held ~2 MiB resident (45x the touched rows, session 12).
-        # Dropped here, while nothing maps it, the rows come back from storage one page at a time.
-        drop_file_cache(paths["bundle"] / TABLE_FILE)
     return paths
 
 
@@ -184,14 +175,10 @@ def _hf_greedy(model: Any, p: np.ndarray, n: int) -> tuple[list[int], float, flo
 
 def _probe(kind: str, path: str, prompt: list[int], n: int, threads: int, queue) -> None:
     """In a fresh process: load one native arm, generate, report resident memory."""
-    from romscale.rom.onnx_export import read_native
     from romscale.rom.ort_runtime import OrtDecoder
-    from romscale.rom.pagecache import drop_file_cache, rss_anon_bytes, rss_bytes
+    from romscale.rom.pagecache import rss_anon_bytes, rss_bytes
 
     try:
-        bundle = read_native(path).get("bundle")
-        if bundle:  # before anything maps the table, every page of it can go (see prepare)
-            drop_file_cache(Path(bundle["path"]) / bundle["table"])
         dec = OrtDecoder(path, threads=threads)
         p = np.asarray([prompt], np.int64)
         dec.generate(p, max_new_tokens=4)  # warm: ORT's arenas reach their size

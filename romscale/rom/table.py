@@ -25,6 +25,7 @@ import mmap
 import os
 import struct
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -299,12 +300,13 @@ class RomTable:
                 page = a - a % mmap.PAGESIZE
                 self._mmap.madvise(mmap.MADV_WILLNEED, page, a + rb - page)
 
-    def _check_rows(self, flat_ids: np.ndarray) -> None:
+    def _check_rows(self, ids: Iterable[int]) -> None:
+        """Each row's CRC-32 (table row, then its int8 scales) against "row_crc32"; `ids` distinct."""
         table = self._arrays["table"].raw
         rb = self.manifest["tensors"]["table"]["row_bytes"]
         scales = self._arrays["scales"].raw if "scales" in self._arrays else None
         sb = self.manifest["tensors"]["scales"]["row_bytes"] if scales is not None else 0
-        for i in np.unique(flat_ids).tolist():
+        for i in ids:
             c = zlib.crc32(table[i * rb : (i + 1) * rb])
             if scales is not None:
                 c = zlib.crc32(scales[i * sb : (i + 1) * sb], c)
@@ -319,9 +321,10 @@ class RomTable:
         if flat.size and (flat.min() < 0 or flat.max() >= self.vocab_size):
             bad = int(flat[(flat < 0) | (flat >= self.vocab_size)][0])
             raise CheckpointError(f"token id {bad} is out of range for the ROM table {self.path} (vocabulary {self.vocab_size})")
-        self._prefetch(np.unique(flat).tolist())
+        distinct = np.unique(flat).tolist()
+        self._prefetch(distinct)
         if self.verify_rows:
-            self._check_rows(flat)
+            self._check_rows(distinct)
         raw = self._arrays["table"].array[flat]  # fancy indexing copies just these rows
         rows = ((raw.astype(np.uint32) << 16).view(np.float32) if self.dtype == "bf16"  # bf16: the top half of an fp32
                 else raw.astype(np.float32)).reshape(-1, self.num_layers, self.d_mem)
@@ -342,7 +345,9 @@ class RomTable:
         read faults the page in again), then ask the kernel to drop the file's cached pages. The
         second step alone skips every page this reader has touched, since mapped pages cannot be
         evicted: a benchmark that only dropped the file's cache between runs of an open reader timed
-        warm rows after its first run (found in session 13)."""
+        warm rows after its first run (found in session 13). Worse for a table written moments ago:
+        the page cache holds it in large folios, and each row read pins its whole folio (the 45x
+        residency of session 12)."""
         from romscale.rom.pagecache import drop_file_cache
 
         self._mmap.madvise(mmap.MADV_DONTNEED)
@@ -371,7 +376,7 @@ class RomTable:
         """Check every block checksum of every tensor and every row checksum; returns the number of
         blocks checked. Raises CheckpointError naming the first bad block or row."""
         blocks = sum(self._check_blocks(name) for name in self.manifest["tensors"])
-        self._check_rows(np.arange(self.vocab_size))
+        self._check_rows(range(self.vocab_size))
         return blocks
 
     def close(self) -> None:
