@@ -32,16 +32,16 @@ def main() -> None:
         if args.json:
             check_target(args.json, kind=KIND, overwrite=True, is_file=True, what="--json")  # before the work
         out = {}
-        for hf in (False, True):
-            cfg = NativeBenchConfig(weights="fp32", rounds=args.rounds, new_tokens=64, meki=False, hf_eager=hf, llamacpp=True)
-            with tempfile.TemporaryDirectory(prefix="romscale-anchor-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="romscale-anchor-") as tmp:  # both runs share the export and the GGUF
+            for hf in (False, True):
+                cfg = NativeBenchConfig(weights="fp32", rounds=args.rounds, new_tokens=64, meki=False, hf_eager=hf, llamacpp=True)
                 r = bench_native(cfg, Path(tmp), log=lambda *a: None)
-            key = "with_hf_eager" if hf else "without_hf_eager"
-            out[key] = {"tok_s": {k: v["tok_s_mean"] for k, v in r["arms"].items()},
-                        "ort_dense_over_llamacpp": r["ratios"]["ort dense / llama.cpp f32"]}
-            ci = out[key]["ort_dense_over_llamacpp"]
-            print(f"{key:18s} " + ", ".join(f"{k} {v:.1f}" for k, v in out[key]["tok_s"].items())
-                  + f"; ort dense / llama.cpp {ci['ratio']:.3f} [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]", flush=True)
+                key = "with_hf_eager" if hf else "without_hf_eager"
+                out[key] = {"tok_s": {k: v["tok_s_mean"] for k, v in r["arms"].items()},
+                            "ort_dense_over_llamacpp": r["ratios"]["ort dense / llama.cpp f32"]}
+                ci = out[key]["ort_dense_over_llamacpp"]
+                print(f"{key:18s} " + ", ".join(f"{k} {v:.1f}" for k, v in out[key]["tok_s"].items())
+                      + f"; ort dense / llama.cpp {ci['ratio']:.3f} [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]", flush=True)
     except RomscaleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
